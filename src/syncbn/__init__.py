@@ -1,0 +1,25 @@
+"""syncbn: exact synchronized BatchNorm for PyTorch on any torch.distributed backend.
+
+>>> import torch, syncbn
+>>> net = syncbn.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)))
+>>> type(net[1]).__name__
+'SyncBatchNorm2d'
+"""
+
+from . import functional
+from .batchnorm import BatchNormNd, SyncBatchNorm, SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d
+from .convert import convert_sync_batchnorm, revert_sync_batchnorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormNd",
+    "SyncBatchNorm",
+    "SyncBatchNorm1d",
+    "SyncBatchNorm2d",
+    "SyncBatchNorm3d",
+    "__version__",
+    "convert_sync_batchnorm",
+    "functional",
+    "revert_sync_batchnorm",
+]

@@ -1,0 +1,22 @@
+"""The ``syncbn`` command line: ``syncbn demo`` (``python -m syncbn demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``syncbn <command> [options]``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="syncbn", description="Exact synchronized BatchNorm for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from . import demo
+
+    demo.add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The autograd Function: the math of one synchronized batch-norm pass.
+
+forward:  local moments -> one all_reduce (2C + 1 float64) -> global mean/var -> normalize
+backward: local sum(dy), sum(dy * xhat) -> one all_reduce (2C) -> grad_input
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from . import _comm, _stats
+
+__all__ = ["SyncBatchNormFunction"]
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm with statistics over every rank of ``process_group``.
+
+    Every rank must call it, in the same order as the others, even with an empty shard.
+    Running statistics (when given) are updated in place with the global statistics.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        eps: float,
+        momentum: float,
+        process_group: Any | None,
+    ) -> Tensor:
+        channels = input.shape[1]
+        n_local = _stats.local_count(input)
+        # Every rank calls the collective, even with an empty shard; counts travel with the sums.
+        moments = _stats.local_moments(input)  # C, C, 1 -> (2C + 1)
+        moments = _comm.all_reduce_sum(moments, process_group)
+        mean, var, count = _stats.global_mean_var(moments, channels)
+
+        # The global count is only needed on the host when this shard alone cannot prove it is
+        # >= 2 (a shard of 0 or 1 values per channel): a rare device sync, and every rank of a
+        # global batch of 1 value takes this branch, so all of them raise together.
+        update = running_mean is not None or running_var is not None
+        if n_local <= 1:
+            total = int(count.item())
+            if total == 1:
+                raise ValueError(
+                    "Expected more than 1 value per channel when training, got input size "
+                    f"{input.size()} on {_comm.describe_group(process_group)} and 1 value per "
+                    "channel in the global batch"
+                )
+            if total == 0:  # nothing to normalize and nothing to learn from
+                update = False
+        if update:
+            _stats.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+
+        acc = _stats.acc_dtype(input.dtype)
+        mean_acc, var_acc = mean.to(acc), var.to(acc)
+        invstd = torch.rsqrt(var + eps).to(acc)
+        ctx.save_for_backward(input, weight, mean_acc, invstd, count)
+        ctx.process_group = process_group
+        ctx.bias_dtype = bias.dtype if bias is not None else input.dtype
+        return _stats.normalize(input, mean_acc, var_acc, weight, bias, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, weight, mean, invstd, count = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xhat = _stats.backward_reduce(grad_output, input, mean, invstd)
+        # weight/bias gradients are this rank's share; DDP (or the user) sums them over ranks.
+        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
+        grad_in = None
+        if need_input:
+            channels = input.shape[1]
+            packed = torch.cat([sum_dy, sum_dy_xhat])  # C, C -> (2C)
+            packed = _comm.all_reduce_sum(packed, ctx.process_group)
+            grad_in = _stats.grad_input(
+                grad_output, input, mean, invstd, weight,
+                packed[:channels], packed[channels:], count,
+            )
+        return grad_in, grad_weight, grad_bias, None, None, None, None, None

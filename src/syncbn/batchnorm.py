@@ -1,0 +1,184 @@
+"""Drop-in synchronized BatchNorm modules.
+
+The Module keeps the books (running statistics, ``num_batches_tracked``, momentum, train/eval) exactly
+as ``torch.nn.BatchNorm*d`` does; :func:`syncbn.functional.sync_batch_norm` makes the one decision
+"synchronize or fall back to ``F.batch_norm``" and :class:`~syncbn._function.SyncBatchNormFunction`
+does the math.
+
+The classes subclass torch's ``_BatchNorm`` (not ``torch.nn.SyncBatchNorm``, which DDP rejects in
+CPU modules), so ``state_dict``s load both ways between these and ``torch.nn.BatchNorm*d`` /
+``torch.nn.SyncBatchNorm``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .functional import check_input, sync_batch_norm
+
+__all__ = [
+    "BatchNormNd",
+    "SyncBatchNorm",
+    "SyncBatchNorm1d",
+    "SyncBatchNorm2d",
+    "SyncBatchNorm3d",
+]
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch norm over the global batch of all ranks; input of any dim >= 2, like
+    ``torch.nn.SyncBatchNorm``, but on any device and backend (CPU/gloo, CUDA/NCCL, MPI).
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    In training mode under an initialized ``torch.distributed`` with more than one rank in
+    ``process_group``, ``E`` and ``Var`` are taken over the concatenation of every rank's batch
+    (shards may differ in size and be empty) with one ``all_reduce`` of ``2C + 1`` numbers forward
+    and one of ``2C`` numbers backward. Otherwise (eval mode, one rank, no process group) it is
+    exactly ``torch.nn.BatchNorm*d``, with no collective. Running statistics use the global
+    unbiased variance and are bitwise identical on every rank.
+
+    Every rank of the group must call every synchronized layer in training mode, in the same
+    order, the same number of times (with an empty batch if it has none).
+
+    Args:
+        num_features: ``C`` in an input of size ``(N, C, *)``.
+        eps: added to the variance for stability. Default: 1e-5.
+        momentum: factor of the running-statistics update; ``None`` for a cumulative average.
+            Default: 0.1.
+        affine: learnable per-channel ``weight`` and ``bias``. Default: ``True``.
+        track_running_stats: keep running mean/var (used in eval mode). Default: ``True``.
+        process_group: synchronize over this group only. Default: ``None`` (the world).
+        device, dtype: of the parameters and buffers.
+
+    Shape:
+        - Input: ``(N, C, *)``, float16/bfloat16/float32/float64 (half inputs with float32
+          parameters are fine: statistics are accumulated in float32 or better).
+        - Output: same shape, dtype and memory format as the input.
+
+    Example (one process: no synchronization; with ``torchrun`` the same code syncs)::
+
+        >>> import torch, syncbn
+        >>> bn = syncbn.SyncBatchNorm(3)
+        >>> bn(torch.randn(4, 3, 5)).shape
+        torch.Size([4, 3, 5])
+    """
+
+    _layer_name: str | None = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+
+    def layer_description(self) -> str:
+        """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``."""
+        name = f" '{self._layer_name}'" if self._layer_name else ""
+        return f"{type(self).__name__}({self.num_features}){name}"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"{self.layer_description()}: expected at least 2D input (got {input.dim()}D input)"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        check_input(input, self.num_features, self.layer_description())
+        # The bookkeeping below is torch.nn.BatchNorm's, line for line.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training mode, and in eval mode when there are no buffers.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Buffers are passed only when they are updated (training and tracked) or used (eval).
+        keep = not self.training or self.track_running_stats
+        return sync_batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+            self.process_group,
+        )
+
+
+class SyncBatchNorm1d(SyncBatchNorm):
+    """:class:`SyncBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input, like ``torch.nn.BatchNorm1d``.
+
+    >>> import torch, syncbn
+    >>> syncbn.SyncBatchNorm1d(4)(torch.randn(8, 4)).shape
+    torch.Size([8, 4])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(
+                f"{self.layer_description()}: expected 2D or 3D input (got {input.dim()}D input)"
+            )
+
+
+class SyncBatchNorm2d(SyncBatchNorm):
+    """:class:`SyncBatchNorm` for ``(N, C, H, W)`` input, like ``torch.nn.BatchNorm2d``.
+
+    >>> import torch, syncbn
+    >>> syncbn.SyncBatchNorm2d(4)(torch.randn(2, 4, 3, 3)).shape
+    torch.Size([2, 4, 3, 3])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(
+                f"{self.layer_description()}: expected 4D input (got {input.dim()}D input)"
+            )
+
+
+class SyncBatchNorm3d(SyncBatchNorm):
+    """:class:`SyncBatchNorm` for ``(N, C, D, H, W)`` input, like ``torch.nn.BatchNorm3d``.
+
+    >>> import torch, syncbn
+    >>> syncbn.SyncBatchNorm3d(4)(torch.randn(2, 4, 2, 3, 3)).shape
+    torch.Size([2, 4, 2, 3, 3])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(
+                f"{self.layer_description()}: expected 5D input (got {input.dim()}D input)"
+            )
+
+
+class BatchNormNd(_BatchNorm):
+    """Plain (unsynchronized) batch norm for input of any dim >= 2.
+
+    What :func:`syncbn.revert_sync_batchnorm` turns the generic :class:`SyncBatchNorm` (and
+    ``torch.nn.SyncBatchNorm``) into: same parameters, buffers and ``state_dict`` keys, exactly
+    ``F.batch_norm`` in its forward, so it exports like ``torch.nn.BatchNorm*d``.
+
+    >>> import torch, syncbn
+    >>> syncbn.BatchNormNd(3)(torch.randn(4, 3, 2, 2, 2, 2)).shape
+    torch.Size([4, 3, 2, 2, 2, 2])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
