@@ -1,22 +1,105 @@
-"""The only module that talks to ``torch.distributed``.
+"""The only module that talks to ``torch.distributed``: pack -> one all_reduce -> check -> unpack.
 
 Distributed invariants enforced here and by the callers:
 
-* every rank of the group calls :func:`all_reduce_sum` the same number of times, in the same
-  order, even with an empty shard (an empty shard contributes zeros);
+* every rank of the group calls :func:`synced_sum` the same number of times, in the same order,
+  even with an empty shard (an empty shard contributes zeros);
 * counts differ across ranks, so they travel inside the buffer with the sums;
 * the reduced buffer is bitwise identical on every rank (the backends compute each element once
-  and broadcast it), so everything derived from it (running statistics) is identical too.
+  and broadcast it), so everything derived from it (running statistics, checks) is too;
+* every syncbn buffer in a process has the same length and dtype (payload padded to the widest
+  syncbn layer, float64), because buffers of different lengths must never meet in one
+  all_reduce: gloo then returns half-reduced data on one rank or aborts the process, NCCL hangs.
+
+Mismatch detection rides in the same buffer, at no extra round trip. Each rank appends small
+integer fields ``f`` (a ones-counter, the layer's key, its pass number, its channel count, the
+direction) together with ``f**2``; after the sum, ``sum(f) == W*f`` and ``sum(f**2) == W*f**2``
+hold on a rank exactly when every rank sent the same ``f`` (zero spread). The fields are below
+2**20 and W <= 8192, so the float64 sums are exact. Sentinel ones at both ends of the buffer
+catch a partly reduced buffer. On CUDA the check runs on the host as soon as the (non-blocking)
+copy of the header has landed, at the next pass, so the forward never waits for the device.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import weakref
+import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "backend_name", "describe_group", "group_size"]
+__all__ = [
+    "BACKWARD",
+    "FORWARD",
+    "LayerTag",
+    "backend_name",
+    "check_pending",
+    "debug_level",
+    "describe_group",
+    "group_size",
+    "register_layer",
+    "synced_sum",
+]
+
+log = logging.getLogger("syncbn")
+
+FORWARD, BACKWARD = 1, 2
+_DIRECTIONS = {FORWARD: "forward", BACKWARD: "backward"}
+_FIELD_LIMIT = 2**20  # fields are integers below this: f**2 * W stays exact in float64
+_FIELDS = ("ones", "layer", "pass", "channels", "direction")
+_MIN_WIDTH = 64  # channels every buffer is padded to at least
+_widest = _MIN_WIDTH
+_keys: dict[int, str] = {}  # layer key -> description, to name the layer another rank was at
+_layers: weakref.WeakSet[Any] = weakref.WeakSet()  # live syncbn layers, to resolve other keys
+_pending: list[tuple[Any, Tensor, list[int], "LayerTag", int, int, Any]] = []
+
+
+def debug_level() -> int:
+    """``SYNCBN_DEBUG``: 0 off, 1 extra checks (one more collective per pass), 2 also log each sync."""
+    try:
+        return int(os.environ.get("SYNCBN_DEBUG", "0") or 0)
+    except ValueError:
+        return 1
+
+
+@dataclass
+class LayerTag:
+    """Who is synchronizing: a key identical on every rank for the same layer, and pass counters."""
+
+    key: int
+    description: str
+    forward: int = 0
+    backward: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def for_layer(name: str | None, index: int, description: str) -> LayerTag:
+        """Key from the qualified name when known (robust to extra layers built on one rank),
+        else from the creation index (identical when every rank builds the same model)."""
+        raw = zlib.crc32(name.encode()) if name else index
+        key = raw % (_FIELD_LIMIT - 1) + 1
+        _keys.setdefault(key, description)
+        return LayerTag(key, description)
+
+
+def register_layer(layer: Any) -> None:
+    """Record a syncbn layer: buffers are padded to the widest one, and an error can name the
+    layer another rank was at (``layer._sync_tag()`` gives its key)."""
+    global _widest
+    _widest = max(_widest, layer.num_features)
+    _layers.add(layer)
+
+
+def _describe_key(key: int) -> str:
+    if key not in _keys:
+        for layer in list(_layers):
+            layer._sync_tag()  # registers its key
+    return _keys.get(key, f"an unknown layer (key {key})")
 
 
 def group_size(process_group: Any | None = None) -> int:
@@ -27,20 +110,11 @@ def group_size(process_group: Any | None = None) -> int:
 
 
 def describe_group(process_group: Any | None = None) -> str:
-    """``"rank r of W"`` for error messages (global rank when the group is a subgroup)."""
+    """``"rank r (rank i of W in its group)"`` for error messages."""
     if not (dist.is_available() and dist.is_initialized()):
         return "no process group"
-    return f"rank {dist.get_rank()} (rank {dist.get_rank(process_group)} of {group_size(process_group)} in its group)"
-
-
-def all_reduce_sum(buffer: Tensor, process_group: Any | None = None) -> Tensor:
-    """Sum ``buffer`` over the group in place and return it: the one collective of a pass.
-
-    Synchronous from the host's view on CPU backends; on NCCL it is queued on the communication
-    stream and the current stream waits for it, so no device-to-host synchronization happens.
-    """
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
-    return buffer
+    return (f"rank {dist.get_rank()} (rank {dist.get_rank(process_group)} of "
+            f"{group_size(process_group)} in its group)")
 
 
 def backend_name(process_group: Any | None = None) -> str:
@@ -48,3 +122,127 @@ def backend_name(process_group: Any | None = None) -> str:
     if not (dist.is_available() and dist.is_initialized()):
         return "none"
     return str(dist.get_backend(process_group))
+
+
+_CAUSES = (
+    "Likely causes: a rank skipped this layer or ran layers in another order (a conditional "
+    "branch, an unused head, a frozen part in eval mode on one rank), the ranks ran different "
+    "numbers of steps (uneven data), or the models differ. Every rank must call every "
+    "synchronized layer in training mode the same number of times, in the same order (with an "
+    "empty batch if it has no data). See docs/troubleshooting.md."
+)
+
+
+def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
+               process_group: Any | None = None) -> Tensor:
+    """Sum the float64 ``payload`` over the group in ONE all_reduce and return the summed payload.
+
+    The buffer is ``[1 | payload, zero-padded to 2*width + 1 | (f, f**2) per field | 1]``, the same
+    length on every rank and for every syncbn layer of the process.
+    """
+    check_pending()
+    world = group_size(process_group)
+    count = tag.forward if direction == FORWARD else tag.backward
+    fields = [1, tag.key, count % _FIELD_LIMIT, channels % _FIELD_LIMIT, direction]
+    if debug_level():
+        _debug_gather(payload, tag, direction, channels, count, process_group)
+    width = max(_widest, channels)
+    length = 2 * width + 1
+    head = torch.tensor([v for f in fields for v in (f, f * f)], dtype=torch.float64)
+    if payload.device.type != "cpu":
+        head = head.pin_memory().to(payload.device, non_blocking=True)
+    one = payload.new_ones(1)
+    buffer = torch.cat([one, payload, payload.new_zeros(length - payload.numel()), head, one])
+    # 1, payload + padding, 2 * fields, 1 -> (2 * width + 2 * len(fields) + 3)
+    try:
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
+    except RuntimeError as e:  # a timeout, a peer that exited, a backend error
+        raise RuntimeError(
+            f"syncbn: {tag.description} failed in the all_reduce of its {_DIRECTIONS[direction]} "
+            f"pass #{count} on {describe_group(process_group)}: {e}\nIf it timed out, another rank "
+            "never reached this layer. " + _CAUSES + " The wait is bounded by the process group's "
+            "timeout: init_process_group(..., timeout=datetime.timedelta(seconds=...))."
+        ) from e
+    if debug_level() >= 2:
+        log.info("syncbn: %s %s pass #%d synced over %d ranks (%d numbers)",
+                 tag.description, _DIRECTIONS[direction], count, world, buffer.numel())
+    checks = torch.cat([buffer[:1], buffer[length + 1:]])
+    if buffer.device.type == "cpu":
+        _verify(checks, fields, world, tag, direction, count, process_group)
+    else:
+        host = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
+        host.copy_(checks, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        _pending.append((event, host, fields, tag, direction, count, process_group))
+    return buffer[1:1 + payload.numel()]
+
+
+def check_pending(wait: bool = False) -> None:
+    """Verify the headers of earlier CUDA passes whose copy to the host has landed (all of them
+    with ``wait=True``); raise the mismatch error if any pass met another layer."""
+    while _pending and (wait or _pending[0][0].query()):
+        event, host, fields, tag, direction, count, group = _pending.pop(0)
+        event.synchronize()
+        _verify(host, fields, group_size(group), tag, direction, count, group)
+
+
+def _verify(checks: Tensor, fields: list[int], world: int, tag: LayerTag, direction: int,
+            count: int, process_group: Any | None) -> None:
+    values = checks.tolist()
+    first, last, pairs = values[0], values[-1], values[1:-1]
+    problems = []
+    if first != world or last != world:
+        problems.append(
+            f"the buffer came back partly unreduced (sentinels {first:g} and {last:g}, expected "
+            f"{world}): the ranks' buffers differ in length, i.e. this rank met a different "
+            "collective (not a syncbn layer of this process's kind)")
+    for i, (name, own) in enumerate(zip(_FIELDS, fields)):
+        total, total_sq = pairs[2 * i], pairs[2 * i + 1]
+        if total == world * own and total_sq == world * own * own:
+            continue
+        if world == 2:
+            other = total - own
+            if name == "layer":
+                problems.append(f"the other rank was at {_describe_key(int(other))}")
+            elif name == "direction":
+                problems.append(f"the other rank was in a {_DIRECTIONS.get(int(other), '?')} pass")
+            else:
+                problems.append(f"{name}: this rank {own}, the other rank {other:g}")
+        else:
+            problems.append(f"{name}: this rank {own}, the mean over ranks {total / world:g}")
+    if problems:
+        raise RuntimeError(
+            f"syncbn: ranks are out of step at {tag.description}, {_DIRECTIONS[direction]} pass "
+            f"#{count} on {describe_group(process_group)}: " + "; ".join(problems) + ". " + _CAUSES
+            + " Run with SYNCBN_DEBUG=1 to see every rank's view."
+        )
+
+
+def _debug_gather(payload: Tensor, tag: LayerTag, direction: int, channels: int, count: int,
+                  process_group: Any | None) -> None:
+    """Debug mode: every rank's view (fixed size, so safe to gather), compared before the sum."""
+    finite = bool(torch.isfinite(payload).all())
+    view = torch.tensor([tag.key, count, channels, direction, float(finite)], dtype=torch.float64)
+    view = view.to(payload.device)
+    world = group_size(process_group)
+    views = [torch.empty_like(view) for _ in range(world)]
+    dist.all_gather(views, view, group=process_group)
+    rows = [v.tolist() for v in views]
+    ranks = (dist.get_process_group_ranks(process_group) if process_group is not None
+             else list(range(world)))
+    same = all(r[:4] == rows[0][:4] for r in rows)
+    bad = [ranks[i] for i, r in enumerate(rows) if not r[4]]
+    if same and not bad:
+        return
+    table = "\n".join(
+        f"  rank {ranks[i]}: {_describe_key(int(r[0]))}, "
+        f"{_DIRECTIONS.get(int(r[3]), '?')} pass #{int(r[1])}, {int(r[2])} channels, "
+        f"local statistics {'finite' if r[4] else 'NOT FINITE'}"
+        for i, r in enumerate(rows)
+    )
+    if not same:
+        raise RuntimeError(f"syncbn (SYNCBN_DEBUG): ranks are out of step at {tag.description}:\n"
+                           f"{table}\n{_CAUSES}")
+    raise RuntimeError(f"syncbn (SYNCBN_DEBUG): non-finite values in the local statistics of "
+                       f"{tag.description} on rank(s) {bad}:\n{table}")

@@ -1,7 +1,7 @@
 """The autograd Function: the math of one synchronized batch-norm pass.
 
-forward:  local moments -> one all_reduce (2C + 1 float64) -> global mean/var -> normalize
-backward: local sum(dy), sum(dy * xhat) -> one all_reduce (2C) -> grad_input
+forward:  local moments -> one all_reduce (2C + 1 float64, + header) -> global mean/var -> normalize
+backward: local sum(dy), sum(dy * xhat) -> one all_reduce (2C float64, + header) -> grad_input
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         momentum: float,
         process_group: Any | None,
+        tag: _comm.LayerTag,
     ) -> Tensor:
         channels = input.shape[1]
         n_local = _stats.local_count(input)
         # Every rank calls the collective, even with an empty shard; counts travel with the sums.
-        moments = _stats.local_moments(input)  # C, C, 1 -> (2C + 1)
-        moments = _comm.all_reduce_sum(moments, process_group)
+        tag.forward += 1
+        moments = _stats.local_moments(input)  # C, C, 1 -> (2C + 1) float64
+        moments = _comm.synced_sum(moments, tag, _comm.FORWARD, channels, process_group)
         mean, var, count = _stats.global_mean_var(moments, channels)
 
         # The global count is only needed on the host when this shard alone cannot prove it is
@@ -65,6 +67,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps).to(acc)
         ctx.save_for_backward(input, weight, mean_acc, invstd, count)
         ctx.process_group = process_group
+        ctx.tag = tag
         ctx.bias_dtype = bias.dtype if bias is not None else input.dtype
         return _stats.normalize(input, mean_acc, var_acc, weight, bias, eps)
 
@@ -80,10 +83,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_in = None
         if need_input:
             channels = input.shape[1]
-            packed = torch.cat([sum_dy, sum_dy_xhat])  # C, C -> (2C)
-            packed = _comm.all_reduce_sum(packed, ctx.process_group)
+            ctx.tag.backward += 1
+            packed = torch.cat([sum_dy, sum_dy_xhat]).double()  # C, C -> (2C)
+            packed = _comm.synced_sum(packed, ctx.tag, _comm.BACKWARD, channels, ctx.process_group)
+            packed = packed.to(sum_dy.dtype)
             grad_in = _stats.grad_input(
                 grad_output, input, mean, invstd, weight,
                 packed[:channels], packed[channels:], count,
             )
-        return grad_in, grad_weight, grad_bias, None, None, None, None, None
+        return grad_in, grad_weight, grad_bias, None, None, None, None, None, None

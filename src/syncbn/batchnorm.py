@@ -14,10 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import itertools
+
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _comm
 from .functional import check_input, sync_batch_norm
+
+_creation_index = itertools.count(1)
 
 __all__ = [
     "BatchNormNd",
@@ -84,6 +89,18 @@ class SyncBatchNorm(_BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = process_group
+        self._creation_index = next(_creation_index)
+        self._tag: _comm.LayerTag | None = None
+        _comm.register_layer(self)
+
+    def _sync_tag(self) -> _comm.LayerTag:
+        """The layer's identity and pass counters in the collective's header (made at first use,
+        after ``convert_sync_batchnorm`` has named the layer)."""
+        if self._tag is None:
+            self._tag = _comm.LayerTag.for_layer(
+                self._layer_name, self._creation_index, self.layer_description()
+            )
+        return self._tag
 
     def layer_description(self) -> str:
         """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``."""
@@ -119,6 +136,7 @@ class SyncBatchNorm(_BatchNorm):
             factor,
             self.eps,
             self.process_group,
+            _tag=self._sync_tag(),
         )
 
 

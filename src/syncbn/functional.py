@@ -51,6 +51,8 @@ def sync_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     process_group: Any | None = None,
+    *,
+    _tag: _comm.LayerTag | None = None,
 ) -> Tensor:
     r"""Batch norm whose training statistics are those of the global batch over all ranks.
 
@@ -92,7 +94,11 @@ def sync_batch_norm(
                 f"channels), got {t.numel()}"
             )
     out = SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, process_group
+        input, weight, bias, running_mean, running_var, eps, momentum, process_group,
+        _tag if _tag is not None else _FUNCTIONAL_TAG,
     )
     return out  # type: ignore[no-any-return]
+
+
+_FUNCTIONAL_TAG = _comm.LayerTag.for_layer("syncbn.functional.sync_batch_norm", 0, "sync_batch_norm")
 
