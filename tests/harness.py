@@ -1,0 +1,109 @@
+"""A tiny spawn harness for multi-process tests: gloo (or NCCL) over a FileStore in a temp dir.
+
+``run(worker, world_size, tmp_path, *args)`` starts ``world_size`` fresh processes, each calling
+``worker(rank, world_size, *args)`` inside an initialized process group, and returns the list of
+their return values by rank. A child's exception is re-raised in the parent with the child's
+traceback; a child that does not finish in time gets every child killed and the test failed with
+which ranks were still running. Never a fixed port: the rendezvous is a file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue as queue_mod
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+PG_TIMEOUT_S = float(os.environ.get("SYNCBN_TEST_PG_TIMEOUT", "60"))
+
+
+def _child(rank: int, world_size: int, store_path: str, backend: str, device: str,
+           worker: Callable[..., Any], args: tuple, results: Any, pg_timeout: float) -> None:
+    torch.set_num_threads(1)
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=pg_timeout))
+        try:
+            value = worker(rank, world_size, *args)
+        finally:
+            # No barrier here: a rank that failed must not wait for the others.
+            dist.destroy_process_group()
+        results.put((rank, "ok", pickle.dumps(value)))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run(worker: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any,
+        backend: str = "gloo", device: str = "cpu", timeout: float = 120.0,
+        pg_timeout: float = PG_TIMEOUT_S) -> list[Any]:
+    """Run ``worker(rank, world_size, *args)`` on ``world_size`` spawned ranks; values by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store_path = str(tmp_path / f"store-{time.monotonic_ns()}")
+    procs = [
+        ctx.Process(target=_child, daemon=True,
+                    args=(r, world_size, store_path, backend, device, worker, args, results, pg_timeout))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    values: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(values) + len(errors) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(values) - set(errors))
+                raise AssertionError(
+                    f"ranks {missing} did not finish within {timeout:.0f}s"
+                    + "".join(f"\n--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items()))
+                )
+            try:
+                rank, status, payload = results.get(timeout=min(left, 1.0))
+            except queue_mod.Empty:
+                dead = [i for i, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and i not in values and i not in errors]
+                for i in dead:
+                    errors[i] = f"process exited with code {procs[i].exitcode} without a result"
+                continue
+            if status == "ok":
+                values[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
+            if errors and len(values) + len(errors) < world_size:
+                # Give the other ranks a moment to report their own errors, then stop waiting.
+                deadline = min(deadline, time.monotonic() + pg_timeout + 15)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    if errors:
+        raise AssertionError("".join(f"\n--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items())))
+    return [values[r] for r in range(world_size)]
+
+
+def cuda_skip_reason(world_size: int) -> str | None:
+    """Why the CUDA variant of a test cannot run here, or None if it can."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine"
+    return None
+
+
+def cuda_backend(world_size: int) -> str:
+    """NCCL when every rank has its own GPU; gloo (which also reduces CUDA tensors) otherwise."""
+    return "nccl" if torch.cuda.device_count() >= world_size and dist.is_nccl_available() else "gloo"

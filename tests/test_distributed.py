@@ -1,0 +1,200 @@
+"""Multi-process tests (gloo on CPU; the same workers on CUDA when GPUs are present).
+
+The property behind each: syncbn over per-rank shards == plain batch norm over torch.cat(shards),
+computed in float64 (outputs, grad_input, summed weight/bias grads, running stats).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import harness
+import workers
+
+pytestmark = pytest.mark.timeout(240)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _run(worker, world_size, tmp_path, cfg, device="cpu"):
+    if device == "cuda":
+        reason = harness.cuda_skip_reason(world_size)
+        if reason:
+            pytest.skip(reason)
+        cfg = {**cfg, "device": "cuda"}
+        return harness.run(worker, world_size, tmp_path, cfg, device="cuda",
+                           backend=harness.cuda_backend(world_size))
+    return harness.run(worker, world_size, tmp_path, cfg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(
+    "sizes",
+    [[4], [3, 5], [3, 0, 5], [1, 1, 1, 1], [2, 0, 0, 3]],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_exact_2d(tmp_path, sizes, dtype, device):
+    cfg = {"sizes": sizes, "tail": (3, 4, 5), "dtype": dtype, "layer": "2d", "steps": 2}
+    _run(workers.exactness, len(sizes), tmp_path, cfg, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "layer,tail",
+    [("1d", (5,)), ("1d", (4, 7)), ("3d", (2, 3, 2, 4)), ("generic", (3, 2, 2, 2, 2)),
+     ("functional", (3, 4, 4))],
+)
+def test_exact_layers(tmp_path, layer, tail, device):
+    cfg = {"sizes": [2, 0, 3], "tail": tail, "dtype": "float64", "layer": layer, "steps": 2}
+    _run(workers.exactness, 3, tmp_path, cfg, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_value_per_rank_1x1(tmp_path, device):
+    """One sample of 1x1 per rank: each shard alone could not be normalized, the global batch can."""
+    cfg = {"sizes": [1, 1], "tail": (4, 1, 1), "dtype": "float64", "layer": "2d", "steps": 3}
+    _run(workers.exactness, 2, tmp_path, cfg, device)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"momentum": None, "steps": 3}, {"affine": False}, {"track": False},
+     {"affine": False, "track": False}, {"eps": 1e-3, "momentum": 0.5}],
+    ids=["cumulative", "no-affine", "no-running", "bare", "eps-momentum"],
+)
+def test_exact_options(tmp_path, options):
+    cfg = {"sizes": [3, 1, 4], "tail": (3, 2, 3), "dtype": "float64", "layer": "2d", "steps": 2, **options}
+    _run(workers.exactness, 3, tmp_path, cfg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_inputs(tmp_path, dtype, device):
+    cfg = {"sizes": [3, 2], "tail": (4, 5, 5), "dtype": dtype, "layer": "2d", "steps": 2}
+    _run(workers.exactness, 2, tmp_path, cfg, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "layer,tail,fmt",
+    [("2d", (3, 4, 5), "channels_last"), ("3d", (3, 2, 3, 4), "channels_last_3d")],
+)
+def test_channels_last(tmp_path, layer, tail, fmt, device):
+    cfg = {"sizes": [2, 3], "tail": tail, "dtype": "float32", "layer": layer, "memory_format": fmt}
+    _run(workers.exactness, 2, tmp_path, cfg, device)
+
+
+def test_large_mean_over_std_float32(tmp_path):
+    """mean/std = 1e4 in float32: no catastrophic cancellation in the variance."""
+    cfg = {"sizes": [40, 24], "tail": (3, 8, 8), "dtype": "float32", "layer": "2d",
+           "steps": 1, "mean": 1e4, "std": 1.0, "worker": "variance"}
+    _run(workers.variance_accuracy, 2, tmp_path, cfg)
+
+
+def test_subgroups(tmp_path):
+    """Groups of 2 out of 4 ranks: each pair syncs within itself only."""
+    cfg = {"sizes": [2, 3, 1, 4], "tail": (3, 2, 2), "dtype": "float64", "layer": "2d",
+           "groups": [[0, 1], [2, 3]]}
+    _run(workers.exactness, 4, tmp_path, cfg)
+
+
+def test_one_collective_per_pass(tmp_path):
+    out = harness.run(workers.uses_one_collective, 3, tmp_path, {"channels": 5, "sizes": [2, 0, 3]})
+    # payload 2C + 1 (forward) or 2C (backward), padded to the widest layer (at least 64 channels:
+    # 2 * 64 + 1), plus the header: two sentinels and (f, f^2) for 5 fields
+    length = 2 * 64 + 1 + 2 + 2 * 5
+    for rank, calls in enumerate(out):
+        assert calls["forward"] == [("all_reduce", length, torch.float64)], (rank, calls)
+        assert calls["backward"] == [("all_reduce", length, torch.float64)], (rank, calls)
+        assert calls["eval"] == [], (rank, calls)
+
+
+@pytest.mark.parametrize("sizes", [[1, 0], [0, 1, 0]], ids=["1+0", "0+1+0"])
+def test_global_batch_of_one_raises_everywhere(tmp_path, sizes):
+    shapes = [(n, 3) for n in sizes]
+    out = harness.run(workers.expect_error, len(sizes), tmp_path,
+                      {"layer": "1d", "channels": 3, "shapes": shapes})
+    for msg in out:
+        assert msg.startswith("ValueError: Expected more than 1 value per channel when training"), msg
+
+
+def test_global_batch_of_zero_is_empty(tmp_path):
+    harness.run(workers.empty_everywhere, 2, tmp_path, {})
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_ddp_training_equals_single_process(tmp_path, dtype):
+    cfg = {"sizes": [3, 2], "steps": 3, "dtype": dtype}
+    harness.run(workers.ddp_training, 2, tmp_path, cfg)
+
+
+def test_ddp_gradient_accumulation(tmp_path):
+    cfg = {"sizes": [2, 4], "steps": 2, "accumulate": 2, "dtype": "float64"}
+    harness.run(workers.ddp_training, 2, tmp_path, cfg)
+
+
+def test_autocast_bfloat16(tmp_path):
+    harness.run(workers.autocast_training, 2, tmp_path, {"sizes": [2, 3]})
+
+
+def test_double_backward_raises_clearly(tmp_path):
+    for msg in harness.run(workers.double_backward_is_refused, 2, tmp_path, {}):
+        assert "differentiate twice" in msg, msg
+
+
+# --- misuse: every rank that is left waiting or out of step raises a clear error, in bounded time
+
+def _misuse(tmp_path, scenario, world_size=2, **cfg):
+    return harness.run(workers.misuse, world_size, tmp_path, {"scenario": scenario, **cfg},
+                       pg_timeout=5, timeout=90)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_skips_a_layer(tmp_path, world_size):
+    errors = _misuse(tmp_path, "skip", world_size)
+    assert all("ranks are out of step at SyncBatchNorm1d(4)" in e for e in errors), errors
+    if world_size == 2:
+        assert "SyncBatchNorm1d(4) '0', forward pass #1" in errors[0], errors[0]
+        assert "the other rank was at SyncBatchNorm1d(4) '1'" in errors[0], errors[0]
+        assert "the other rank was at SyncBatchNorm1d(4) '0'" in errors[1], errors[1]
+    assert all("a rank skipped this layer" in e for e in errors)
+
+
+def test_ranks_call_layers_in_another_order(tmp_path):
+    errors = _misuse(tmp_path, "order")
+    assert "SyncBatchNorm1d(4) '0', forward pass #1" in errors[0]
+    assert "the other rank was at SyncBatchNorm1d(4) '1'" in errors[0]
+    assert "SyncBatchNorm1d(4) '1', forward pass #1" in errors[1]
+
+
+def test_channel_counts_differ(tmp_path):
+    errors = _misuse(tmp_path, "channels")
+    assert "channels: this rank 3, the other rank 4" in errors[0], errors[0]
+    assert "channels: this rank 4, the other rank 3" in errors[1], errors[1]
+
+
+@pytest.mark.parametrize("scenario,waiting_rank,what", [
+    ("eval-on-one", 1, "SyncBatchNorm1d(4) '0' failed in the all_reduce of its forward pass #1"),
+    ("exit-mid-step", 0, "failed in the all_reduce of its backward pass #1"),
+    ("steps", 0, "SyncBatchNorm1d(4) '0' failed in the all_reduce of its forward pass #3"),
+])
+def test_a_rank_that_never_arrives_gives_a_bounded_clear_error(tmp_path, scenario, waiting_rank, what):
+    errors = _misuse(tmp_path, scenario)
+    assert what in errors[waiting_rank], errors
+    assert "another rank never reached this layer" in errors[waiting_rank]
+
+
+def test_debug_mode_shows_every_ranks_view(tmp_path):
+    errors = _misuse(tmp_path, "skip", debug=True)
+    for e in errors:
+        assert "syncbn (SYNCBN_DEBUG): ranks are out of step" in e, e
+        assert "rank 0: SyncBatchNorm1d(4) '0', forward pass #1, 4 channels" in e, e
+        assert "rank 1: SyncBatchNorm1d(4) '1', forward pass #1, 4 channels" in e, e
+
+
+def test_debug_mode_names_the_rank_with_non_finite_statistics(tmp_path):
+    errors = _misuse(tmp_path, "nan", debug=True)
+    for e in errors:
+        assert "non-finite values in the local statistics of SyncBatchNorm1d(4) '0' on rank(s) [1]" in e, e

@@ -1,0 +1,333 @@
+"""Worker functions run on every rank by ``harness.run`` (top level, so spawned children import them).
+
+Each compares what this rank computes with syncbn against ``reference`` on the global batch, and
+raises (with what differed) if it does not match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import syncbn
+from syncbn.functional import sync_batch_norm
+
+from reference import DTYPES, assert_matches, make_data, make_params, reference_steps
+
+LAYERS = {"1d": syncbn.SyncBatchNorm1d, "2d": syncbn.SyncBatchNorm2d,
+          "3d": syncbn.SyncBatchNorm3d, "generic": syncbn.SyncBatchNorm}
+
+
+def _device(cfg: dict[str, Any], rank: int) -> torch.device:
+    if cfg.get("device", "cpu") == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _group(cfg: dict[str, Any], rank: int) -> tuple[Any, list[int]]:
+    """The process group this rank syncs over and the global ranks in it."""
+    groups = cfg.get("groups")
+    if not groups:
+        return None, list(range(dist.get_world_size()))
+    # Every rank must create every subgroup, in the same order.
+    handles = [dist.new_group(g) for g in groups]
+    for g, h in zip(groups, handles):
+        if rank in g:
+            return h, g
+    raise AssertionError(f"rank {rank} in no group of {groups}")
+
+
+def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Forward/backward ``steps`` times on shard ``sizes[rank]`` and compare with the reference."""
+    dtype = DTYPES[cfg.get("dtype", "float64")]
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    tail = tuple(cfg["tail"])
+    sizes = cfg["sizes"]
+    steps = cfg.get("steps", 2)
+    momentum = cfg.get("momentum", 0.1)
+    eps = cfg.get("eps", 1e-5)
+    affine = cfg.get("affine", True)
+    track = cfg.get("track", True)
+    device = _device(cfg, rank)
+    group, members = _group(cfg, rank)
+    shards, grads = make_data(sizes, tail, dtype, cfg.get("seed", 0),
+                              mean=cfg.get("mean", 0.0), std=cfg.get("std", 1.0))
+    weight, bias = make_params(tail[0], cfg.get("seed", 0))
+    ref = reference_steps([shards[r] for r in members], [grads[r] for r in members],
+                          weight if affine else None, bias if affine else None,
+                          steps, momentum, eps, track)
+    me = members.index(rank)
+
+    kind = cfg.get("layer", "2d")
+    if kind == "functional":
+        layer = None
+        w = weight.to(device, param_dtype).requires_grad_() if affine else None
+        b = bias.to(device, param_dtype).requires_grad_() if affine else None
+        rm = torch.zeros(tail[0], device=device, dtype=param_dtype) if track else None
+        rv = torch.ones(tail[0], device=device, dtype=param_dtype) if track else None
+    else:
+        layer = LAYERS[kind](tail[0], eps=eps, momentum=momentum, affine=affine,
+                             track_running_stats=track, process_group=group,
+                             device=device, dtype=param_dtype)
+        if affine:
+            with torch.no_grad():
+                layer.weight.copy_(weight)
+                layer.bias.copy_(bias)
+    memory_format = cfg.get("memory_format")
+    for step in range(steps):
+        x = shards[rank].to(device).clone()
+        if memory_format is not None:
+            x = x.contiguous(memory_format=getattr(torch, memory_format))
+        x.requires_grad_()
+        if layer is None:
+            if affine:
+                w.grad = b.grad = None
+            y = sync_batch_norm(x, rm, rv, w, b, True, momentum, eps, group)
+            params = (w, b)
+        else:
+            layer.zero_grad()
+            y = layer(x)
+            params = (layer.weight, layer.bias)
+        assert y.dtype == x.dtype, f"output dtype {y.dtype} != input dtype {x.dtype}"
+        assert y.shape == x.shape
+        if memory_format is not None:
+            assert y.is_contiguous(memory_format=getattr(torch, memory_format)), "output lost its memory format"
+        y.backward(grads[rank].to(device))
+        if memory_format is not None and x.numel():
+            assert x.grad.is_contiguous(memory_format=getattr(torch, memory_format)), "grad lost its memory format"
+        exp = ref[step]
+        where = f"rank {rank} step {step}"
+        assert_matches(y.cpu(), exp["y"][me], dtype, f"{where} output")
+        assert_matches(x.grad.cpu(), exp["dx"][me], dtype, f"{where} grad_input")
+        if affine:
+            for p, key in zip(params, ("dw", "db")):
+                total = p.grad.detach().clone()
+                dist.all_reduce(total, group=group)  # weight grads are per rank; the sum is global
+                assert_matches(total.cpu(), exp[key], dtype, f"{where} {key} summed over ranks")
+        if track:
+            if layer is None:
+                running = (rm, rv)
+            else:
+                running = (layer.running_mean, layer.running_var)
+                assert int(layer.num_batches_tracked) == exp["num_batches_tracked"]
+            for t, key in zip(running, ("running_mean", "running_var")):
+                assert_matches(t.cpu(), exp[key], dtype, f"{where} {key}")
+                # bitwise identical on every rank of the group
+                gathered = [torch.empty_like(t) for _ in members]
+                dist.all_gather(gathered, t, group=group)
+                assert all(torch.equal(g, t) for g in gathered), f"{where} {key} differs across ranks"
+    return {"rank": rank, "ok": True}
+
+
+def expect_error(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
+    """Run a layer that must raise on this rank; return the error text (asserted by the test)."""
+    layer = LAYERS[cfg.get("layer", "2d")](cfg["channels"])
+    x = torch.randn(*cfg["shapes"][rank])
+    try:
+        layer(x)
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    raise AssertionError(f"rank {rank}: no error for input {tuple(x.shape)}")
+
+
+def uses_one_collective(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Count collectives and their sizes in one training forward and backward."""
+    calls: list[tuple[str, int, torch.dtype]] = []
+    real = dist.all_reduce
+
+    def spy(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(("all_reduce", tensor.numel(), tensor.dtype))
+        return real(tensor, *args, **kwargs)
+
+    for name in ("all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter", "barrier"):
+        orig = getattr(dist, name)
+        setattr(dist, name, lambda *a, _n=name, _o=orig, **k: (calls.append((_n, -1, None)), _o(*a, **k))[1])
+    dist.all_reduce = spy
+    try:
+        channels = cfg["channels"]
+        layer = syncbn.SyncBatchNorm2d(channels)
+        x = torch.randn(cfg["sizes"][rank], channels, 3, 3, requires_grad=True)
+        y = layer(x)
+        forward_calls = list(calls)
+        y.sum().backward()
+        backward_calls = calls[len(forward_calls):]
+        layer.eval()
+        calls.clear()
+        layer(x)
+        eval_calls = list(calls)
+    finally:
+        dist.all_reduce = real
+    return {"forward": forward_calls, "backward": backward_calls, "eval": eval_calls}
+
+
+class SmallNet(nn.Module):
+    """Conv -> BN -> ReLU -> Conv -> BN -> ReLU -> pool -> Linear, with a BatchNorm1d on features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def ddp_training(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """DDP + syncbn for a few SGD steps == one process with plain BN on the concatenated batch."""
+    dtype = DTYPES[cfg.get("dtype", "float64")]
+    sizes, steps, accumulate = cfg["sizes"], cfg.get("steps", 3), cfg.get("accumulate", 1)
+    torch.manual_seed(0)
+    reference = SmallNet().to(dtype)
+    model = syncbn.convert_sync_batchnorm(SmallNet().to(dtype))
+    model.load_state_dict(reference.state_dict())
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    total = sum(sizes)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        for micro in range(accumulate):
+            x = torch.randn(total, 2, 6, 6, generator=g, dtype=dtype)
+            target = torch.randint(0, 3, (total,), generator=g)
+            lo = sum(sizes[:rank])
+            xs, ts = x[lo:lo + sizes[rank]], target[lo:lo + sizes[rank]]
+            # DDP averages gradients over ranks: scale the local sum so the average is the global mean.
+            # Gradient accumulation: no gradient all-reduce until the last micro-batch.
+            with ddp.no_sync() if micro < accumulate - 1 else contextlib.nullcontext():
+                loss = nn.functional.cross_entropy(ddp(xs), ts, reduction="sum") * world_size / total
+                loss.backward()
+            nn.functional.cross_entropy(reference(x), target).backward()
+        opt.step()
+        ref_opt.step()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert_matches(p.detach(), q.detach(), dtype, f"rank {rank} parameter {name}")
+    for (name, b), (_, c) in zip(model.named_buffers(), reference.named_buffers()):
+        assert_matches(b.double(), c.double(), dtype, f"rank {rank} buffer {name}")
+    return {"rank": rank}
+
+
+def variance_accuracy(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Global variance of float32 data with a large mean/std, against float64 on the same data."""
+    dtype = DTYPES[cfg["dtype"]]
+    shards, _ = make_data(cfg["sizes"], tuple(cfg["tail"]), dtype, 0, mean=cfg["mean"], std=cfg["std"])
+    layer = syncbn.SyncBatchNorm2d(cfg["tail"][0], momentum=1.0)  # running_var = this batch's
+    layer(shards[rank])
+    data = torch.cat(shards).double()
+    expected = data.transpose(0, 1).flatten(1).var(dim=1)  # unbiased, float64
+    rel = ((layer.running_var.double() - expected).abs() / expected).max().item()
+    assert rel < 1e-4, f"relative variance error {rel:.3g} >= 1e-4"
+    # The same data through the textbook float32 formula E[x^2] - E[x]^2 fails this bound:
+    # the test above can tell a cancellation-prone method apart.
+    flat = torch.cat(shards).transpose(0, 1).flatten(1)
+    n = flat.shape[1]
+    naive = ((flat * flat).mean(1) - flat.mean(1) ** 2) * n / (n - 1)
+    naive_rel = ((naive.double() - expected).abs() / expected).max().item()
+    assert naive_rel > 1e-4, f"the naive float32 formula was accurate ({naive_rel:.3g}): test too weak"
+    return {"rel": rel, "naive_rel": naive_rel}
+
+
+def empty_everywhere(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A global batch of 0 values: empty output and grads, running stats untouched, like torch."""
+    layer = syncbn.SyncBatchNorm2d(3)
+    x = torch.randn(0, 3, 2, 2, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(layer.running_mean, torch.zeros(3))
+    assert torch.equal(layer.running_var, torch.ones(3))
+    assert int(layer.num_batches_tracked) == 1
+    return {}
+
+
+def autocast_training(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Conv -> syncbn under torch.autocast(bfloat16): output in the conv's dtype, float32 running
+    stats equal to the float64 reference on the (bfloat16) conv outputs of all ranks."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    bn = syncbn.SyncBatchNorm2d(4, momentum=1.0)
+    sizes = cfg["sizes"]
+    x = torch.randn(sum(sizes), 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    lo = sum(sizes[:rank])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h_all = conv(x)  # every rank computes the global batch's conv output for the reference
+        h = conv(x[lo:lo + sizes[rank]])
+        y = bn(h)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16, (h.dtype, y.dtype)
+    assert bn.running_mean.dtype == torch.float32
+    y.float().sum().backward()
+    assert conv.weight.grad is not None
+    flat = h_all.detach().double().transpose(0, 1).flatten(1)
+    assert_matches(bn.running_mean, flat.mean(1), torch.float32, "running_mean under autocast")
+    assert_matches(bn.running_var, flat.var(1), torch.float32, "running_var under autocast")
+    ref = torch.nn.functional.batch_norm(h.detach().double(), flat.mean(1), flat.var(1, correction=0),
+                                         bn.weight.double(), bn.bias.double(), False, 0.0, bn.eps)
+    assert_matches(y.detach(), ref, torch.bfloat16, "output under autocast")
+    return {}
+
+
+def double_backward_is_refused(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
+    """Gradient of a gradient through a synchronized layer: a clear error, never a wrong number."""
+    layer = syncbn.SyncBatchNorm1d(3, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    try:
+        grad.sum().backward()
+    except RuntimeError as e:
+        return str(e)
+    raise AssertionError("double backward through a synchronized layer did not raise")
+
+
+def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
+    """Run a misuse scenario; return this rank's error text ("" if it raised none)."""
+    import os
+
+    if cfg.get("debug"):
+        os.environ["SYNCBN_DEBUG"] = "1"
+    scenario = cfg["scenario"]
+    torch.manual_seed(0)
+    widths = cfg.get("widths", [4, 4])
+    model = syncbn.convert_sync_batchnorm(nn.Sequential(*[nn.BatchNorm1d(c) for c in widths]))
+    x = torch.randn(3, widths[0], requires_grad=True)
+    try:
+        if scenario == "skip":  # rank 1 skips the first layer
+            h = x if rank == 1 else model[0](x)
+            model[1](h).sum().backward()
+        elif scenario == "order":  # rank 1 runs the two layers in the other order
+            layers = [model[1], model[0]] if rank == 1 else [model[0], model[1]]
+            layers[1](layers[0](x)).sum().backward()
+        elif scenario == "channels":  # the models differ: another channel count on rank 1
+            layer = syncbn.SyncBatchNorm1d(3 + rank)
+            layer(torch.randn(3, 3 + rank))
+        elif scenario == "eval-on-one":  # rank 0 in eval mode, rank 1 training
+            if rank == 0:
+                model.eval()
+            model(x).sum().backward()
+        elif scenario == "exit-mid-step":  # rank 1 leaves after the forward
+            y = model(x)
+            if rank == 1:
+                return ""
+            y.sum().backward()
+        elif scenario == "steps":  # rank 0 runs one step more than rank 1
+            for _ in range(3 if rank == 0 else 2):
+                model(torch.randn(3, widths[0])).sum().backward()
+        elif scenario == "nan":  # rank 1's data has a NaN
+            data = torch.randn(3, widths[0])
+            if rank == 1:
+                data[0, 0] = float("nan")
+            model(data)
+        else:
+            raise ValueError(scenario)
+    except RuntimeError as e:
+        return str(e)
+    return ""
