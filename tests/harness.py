@@ -1,10 +1,14 @@
 """A tiny spawn harness for multi-process tests: gloo (or NCCL) over a FileStore in a temp dir.
 
-``run(worker, world_size, tmp_path, *args)`` starts ``world_size`` fresh processes, each calling
-``worker(rank, world_size, *args)`` inside an initialized process group, and returns the list of
-their return values by rank. A child's exception is re-raised in the parent with the child's
-traceback; a child that does not finish in time gets every child killed and the test failed with
-which ranks were still running. Never a fixed port: the rendezvous is a file.
+``run(worker, world_size, tmp_path, *args)`` has ``world_size`` processes each call
+``worker(rank, world_size, *args)`` inside a freshly initialized process group, and returns the
+list of their return values by rank. A child's exception is re-raised in the parent with the
+child's traceback; a child that does not finish in time gets every child killed and the test
+failed with which ranks were still running. Never a fixed port: the rendezvous is a file.
+
+Processes are reused between calls of the same world size (importing torch in a fresh process
+costs seconds on 2 cores); any failure or timeout discards them, and ``fresh=True`` (for tests
+that may leave a process in a bad state) uses new processes that end with the call.
 """
 
 from __future__ import annotations
@@ -25,8 +29,17 @@ import torch.distributed as dist
 PG_TIMEOUT_S = float(os.environ.get("SYNCBN_TEST_PG_TIMEOUT", "60"))
 
 
+def _serve(rank: int, tasks: Any, results: Any) -> None:
+    """A reusable rank: run tasks from ``tasks`` until it receives None."""
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        _child(rank, *task, results)
+
+
 def _child(rank: int, world_size: int, store_path: str, backend: str, device: str,
-           worker: Callable[..., Any], args: tuple, results: Any, pg_timeout: float) -> None:
+           worker: Callable[..., Any], args: tuple, pg_timeout: float, results: Any) -> None:
     torch.set_num_threads(1)
     try:
         if device == "cuda":
@@ -44,54 +57,90 @@ def _child(rank: int, world_size: int, store_path: str, backend: str, device: st
         results.put((rank, "error", traceback.format_exc()))
 
 
+class _Pool:
+    def __init__(self, world_size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.procs = [ctx.Process(target=_serve, args=(r, self.tasks[r], self.results), daemon=True)
+                      for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5)
+
+
+_pools: dict[int, _Pool] = {}
+
+
 def run(worker: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any,
         backend: str = "gloo", device: str = "cpu", timeout: float = 120.0,
-        pg_timeout: float = PG_TIMEOUT_S) -> list[Any]:
-    """Run ``worker(rank, world_size, *args)`` on ``world_size`` spawned ranks; values by rank."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+        pg_timeout: float = PG_TIMEOUT_S, fresh: bool = False) -> list[Any]:
+    """Run ``worker(rank, world_size, *args)`` on ``world_size`` ranks; their values by rank."""
     store_path = str(tmp_path / f"store-{time.monotonic_ns()}")
-    procs = [
-        ctx.Process(target=_child, daemon=True,
-                    args=(r, world_size, store_path, backend, device, worker, args, results, pg_timeout))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
+    task = (world_size, store_path, backend, device, worker, args, pg_timeout)
+    if fresh:
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_child, daemon=True, args=(r, *task, results))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        try:
+            return _collect(procs, results, world_size, timeout, pg_timeout)
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+    pool = _pools.get(world_size)
+    if pool is None or not all(p.is_alive() for p in pool.procs):
+        if pool is not None:
+            pool.close()
+        pool = _pools[world_size] = _Pool(world_size)
+    for q in pool.tasks:
+        q.put(task)
+    try:
+        return _collect(pool.procs, pool.results, world_size, timeout, pg_timeout)
+    except BaseException:
+        _pools.pop(world_size, None)
+        pool.close()  # a rank may still be waiting in a collective: start afresh next time
+        raise
+
+
+def _collect(procs: list[Any], results: Any, world_size: int, timeout: float,
+             pg_timeout: float) -> list[Any]:
     values: dict[int, Any] = {}
     errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout
-    try:
-        while len(values) + len(errors) < world_size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = sorted(set(range(world_size)) - set(values) - set(errors))
-                raise AssertionError(
-                    f"ranks {missing} did not finish within {timeout:.0f}s"
-                    + "".join(f"\n--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items()))
-                )
-            try:
-                rank, status, payload = results.get(timeout=min(left, 1.0))
-            except queue_mod.Empty:
-                dead = [i for i, p in enumerate(procs)
-                        if p.exitcode not in (None, 0) and i not in values and i not in errors]
-                for i in dead:
-                    errors[i] = f"process exited with code {procs[i].exitcode} without a result"
-                continue
-            if status == "ok":
-                values[rank] = pickle.loads(payload)
-            else:
-                errors[rank] = payload
-            if errors and len(values) + len(errors) < world_size:
-                # Give the other ranks a moment to report their own errors, then stop waiting.
-                deadline = min(deadline, time.monotonic() + pg_timeout + 15)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+    while len(values) + len(errors) < world_size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            missing = sorted(set(range(world_size)) - set(values) - set(errors))
+            raise AssertionError(
+                f"ranks {missing} did not finish within {timeout:.0f}s"
+                + "".join(f"\n--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items()))
+            )
+        try:
+            rank, status, payload = results.get(timeout=min(left, 1.0))
+        except queue_mod.Empty:
+            dead = [i for i, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and i not in values and i not in errors]
+            for i in dead:
+                errors[i] = f"process exited with code {procs[i].exitcode} without a result"
+            continue
+        if status == "ok":
+            values[rank] = pickle.loads(payload)
+        else:
+            errors[rank] = payload
+        if errors and len(values) + len(errors) < world_size:
+            # Give the other ranks a moment to report their own errors, then stop waiting.
+            deadline = min(deadline, time.monotonic() + pg_timeout + 15)
     if errors:
         raise AssertionError("".join(f"\n--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items())))
     return [values[r] for r in range(world_size)]

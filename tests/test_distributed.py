@@ -101,7 +101,8 @@ def test_subgroups(tmp_path):
 
 
 def test_one_collective_per_pass(tmp_path):
-    out = harness.run(workers.uses_one_collective, 3, tmp_path, {"channels": 5, "sizes": [2, 0, 3]})
+    out = harness.run(workers.uses_one_collective, 3, tmp_path, {"channels": 5, "sizes": [2, 0, 3]},
+                      fresh=True)  # fresh processes: no wider layer was built before
     # payload 2C + 1 (forward) or 2C (backward), padded to the widest layer (at least 64 channels:
     # 2 * 64 + 1), plus the header: two sentinels and (f, f^2) for 5 fields
     length = 2 * 64 + 1 + 2 + 2 * 5
@@ -130,6 +131,14 @@ def test_ddp_training_equals_single_process(tmp_path, dtype):
     harness.run(workers.ddp_training, 2, tmp_path, cfg)
 
 
+@pytest.mark.parametrize("ddp", [
+    {"find_unused_parameters": True}, {"broadcast_buffers": False}, {"static_graph": True},
+], ids=["find_unused", "no_broadcast_buffers", "static_graph"])
+def test_ddp_options(tmp_path, ddp):
+    cfg = {"sizes": [2, 3], "steps": 2, "dtype": "float64", "ddp": ddp}
+    harness.run(workers.ddp_training, 2, tmp_path, cfg)
+
+
 def test_ddp_gradient_accumulation(tmp_path):
     cfg = {"sizes": [2, 4], "steps": 2, "accumulate": 2, "dtype": "float64"}
     harness.run(workers.ddp_training, 2, tmp_path, cfg)
@@ -148,7 +157,7 @@ def test_double_backward_raises_clearly(tmp_path):
 
 def _misuse(tmp_path, scenario, world_size=2, **cfg):
     return harness.run(workers.misuse, world_size, tmp_path, {"scenario": scenario, **cfg},
-                       pg_timeout=5, timeout=90)
+                       pg_timeout=5, timeout=90, fresh=True)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -198,3 +207,18 @@ def test_debug_mode_names_the_rank_with_non_finite_statistics(tmp_path):
     errors = _misuse(tmp_path, "nan", debug=True)
     for e in errors:
         assert "non-finite values in the local statistics of SyncBatchNorm1d(4) '0' on rank(s) [1]" in e, e
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_activation_checkpointing(tmp_path, reentrant):
+    harness.run(workers.checkpointing, 2, tmp_path, {"sizes": [3, 2], "reentrant": reentrant})
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip", "raise"])
+def test_nonfinite_policies(tmp_path, policy):
+    errors = harness.run(workers.nonfinite, 2, tmp_path, {"policy": policy}, fresh=True)
+    if policy == "raise":
+        for e in errors:
+            assert "non-finite values (NaN or Inf) in the global batch statistics of SyncBatchNorm1d(2)" in e, e
+    else:
+        assert errors == ["", ""]

@@ -188,7 +188,7 @@ def ddp_training(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, A
     reference = SmallNet().to(dtype)
     model = syncbn.convert_sync_batchnorm(SmallNet().to(dtype))
     model.load_state_dict(reference.state_dict())
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, **cfg.get("ddp", {}))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     total = sum(sizes)
@@ -330,4 +330,61 @@ def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
             raise ValueError(scenario)
     except RuntimeError as e:
         return str(e)
+    return ""
+
+
+def checkpointing(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """syncbn inside torch.utils.checkpoint: gradients equal the reference, running statistics
+    and num_batches_tracked updated once per step (not again by the recompute)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    reference = nn.Sequential(nn.Conv2d(2, 4, 1), block, nn.BatchNorm2d(4)).double()
+    model = syncbn.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(2, 4, 1), nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()), nn.BatchNorm2d(4))).double()
+    model.load_state_dict(reference.state_dict())
+    sizes = cfg["sizes"]
+    lo = sum(sizes[:rank])
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):
+        x = torch.randn(sum(sizes), 2, 4, 4, generator=g, dtype=torch.float64)
+        w = torch.randn(sum(sizes), 4, 4, 4, generator=g, dtype=torch.float64)
+        model.zero_grad()
+        reference.zero_grad()
+        xs = x[lo:lo + sizes[rank]]
+        h = model[0](xs)
+        h = checkpoint(model[1], h, use_reentrant=cfg["reentrant"])
+        (model[2](h) * w[lo:lo + sizes[rank]]).sum().backward()
+        (reference(x) * w).sum().backward()
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+            total = p.grad.clone()
+            dist.all_reduce(total)
+            assert_matches(total, q.grad, torch.float64, f"rank {rank} step {step} grad of {name}")
+        for (name, b), (_, c) in zip(model.named_buffers(), reference.named_buffers()):
+            assert_matches(b.double(), c.double(), torch.float64, f"rank {rank} step {step} buffer {name}")
+    assert int(model[1][1].num_batches_tracked) == 2
+    return {}
+
+
+def nonfinite(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
+    """A NaN in channel 0 of rank 1's data, under SYNCBN_NONFINITE=cfg["policy"]."""
+    import os
+
+    os.environ["SYNCBN_NONFINITE"] = cfg["policy"]
+    shards, _ = make_data([3, 4], (2,), torch.float64, 0)
+    layer = syncbn.SyncBatchNorm1d(2, dtype=torch.float64, momentum=0.5)
+    x = shards[rank].clone()
+    if rank == 1:
+        x[0, 0] = float("nan")
+    try:
+        layer(x)
+    except RuntimeError as e:
+        return str(e)
+    clean = torch.cat(shards)[:, 1]
+    assert_matches(layer.running_mean[1:], 0.5 * clean.mean().view(1), torch.float64, "clean channel")
+    if cfg["policy"] == "propagate":
+        assert torch.isnan(layer.running_mean[0]) and torch.isnan(layer.running_var[0])
+    else:  # skip: the poisoned channel keeps its previous statistics
+        assert layer.running_mean[0] == 0.0 and layer.running_var[0] == 1.0, layer.running_mean
     return ""

@@ -6,6 +6,7 @@ backward: local sum(dy), sum(dy * xhat) -> one all_reduce (2C float64, + header)
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -14,7 +15,23 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from . import _comm, _stats
 
-__all__ = ["SyncBatchNormFunction"]
+__all__ = ["SyncBatchNormFunction", "nonfinite_policy"]
+
+NONFINITE_POLICIES = ("propagate", "skip", "raise")
+
+
+def nonfinite_policy() -> str:
+    """``SYNCBN_NONFINITE``: what a NaN/Inf in the global batch statistics does.
+
+    ``propagate`` (default, like torch): it flows into the output and the running statistics.
+    ``skip``: the output is what it is, but the running statistics of the affected channels keep
+    their previous values (no device sync). ``raise``: a ``RuntimeError`` on every rank before
+    anything is updated (costs a device sync per pass on GPU).
+    """
+    value = os.environ.get("SYNCBN_NONFINITE", "propagate") or "propagate"
+    if value not in NONFINITE_POLICIES:
+        raise ValueError(f"SYNCBN_NONFINITE: expected one of {NONFINITE_POLICIES}, got {value!r}")
+    return value
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -59,8 +76,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 )
             if total == 0:  # nothing to normalize and nothing to learn from
                 update = False
+        policy = nonfinite_policy()
+        if policy == "raise" and not bool(torch.isfinite(moments).all()):  # a device sync on GPU
+            raise RuntimeError(
+                f"syncbn: non-finite values (NaN or Inf) in the global batch statistics of "
+                f"{tag.description}, forward pass #{tag.forward} (SYNCBN_NONFINITE=raise), raised on "
+                "every rank. Run with SYNCBN_DEBUG=1 to see which rank's data produced them."
+            )
         if update:
-            _stats.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            _stats.update_running_stats(running_mean, running_var, mean, var, count, momentum,
+                                        keep_nonfinite=policy != "skip")
 
         acc = _stats.acc_dtype(input.dtype)
         mean_acc, var_acc = mean.to(acc), var.to(acc)

@@ -103,19 +103,21 @@ def update_running_stats(
     var: Tensor,
     count: Tensor,
     momentum: float,
+    keep_nonfinite: bool = True,
 ) -> None:
     """In place: ``running = (1 - momentum) * running + momentum * batch``, with the unbiased var.
 
     Computed in float64 from identical inputs, so every rank gets bitwise identical buffers.
-    ``count`` must be at least 2.
+    ``count`` must be at least 2. With ``keep_nonfinite=False`` a channel whose new value is not
+    finite keeps its old value (decided on the device, no sync).
     """
-    if running_mean is not None:
-        new_mean = running_mean.double().mul_(1.0 - momentum).add_(mean, alpha=momentum)
-        running_mean.copy_(new_mean)
-    if running_var is not None:
-        unbiased = var * (count / (count - 1.0))
-        new_var = running_var.double().mul_(1.0 - momentum).add_(unbiased, alpha=momentum)
-        running_var.copy_(new_var)
+    for running, batch in ((running_mean, mean), (running_var, var * (count / (count - 1.0)))):
+        if running is None:
+            continue
+        new = running.to(torch.float64, copy=True).mul_(1.0 - momentum).add_(batch, alpha=momentum)
+        if not keep_nonfinite:
+            new = torch.where(torch.isfinite(new), new, running.double())
+        running.copy_(new)
 
 
 def normalize(

@@ -16,6 +16,7 @@ from typing import Any
 
 import itertools
 
+import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -116,16 +117,20 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         check_input(input, self.num_features, self.layer_description())
+        # An activation-checkpoint recompute runs the forward again inside the backward: it
+        # must normalize the same way but not count the batch or update the statistics twice.
+        recompute = self.training and torch._C._current_graph_task_id() != -1
+        update = self.training and self.track_running_stats and not recompute
         # The bookkeeping below is torch.nn.BatchNorm's, line for line.
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if update and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
         # Batch statistics in training mode, and in eval mode when there are no buffers.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are passed only when they are updated (training and tracked) or used (eval).
-        keep = not self.training or self.track_running_stats
+        keep = not self.training or update
         return sync_batch_norm(
             input,
             self.running_mean if keep else None,
