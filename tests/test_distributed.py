@@ -155,14 +155,21 @@ def test_double_backward_raises_clearly(tmp_path):
 
 # --- misuse: every rank that is left waiting or out of step raises a clear error, in bounded time
 
-def _misuse(tmp_path, scenario, world_size=2, **cfg):
+def _misuse(tmp_path, scenario, world_size=2, device="cpu", **cfg):
+    kw = {}
+    if device == "cuda":
+        reason = harness.cuda_skip_reason(world_size)
+        if reason:
+            pytest.skip(reason)
+        cfg["device"] = "cuda"
+        kw = {"device": "cuda", "backend": harness.cuda_backend(world_size)}
     return harness.run(workers.misuse, world_size, tmp_path, {"scenario": scenario, **cfg},
-                       pg_timeout=5, timeout=90, fresh=True)
+                       pg_timeout=5, timeout=90, fresh=True, **kw)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_rank_skips_a_layer(tmp_path, world_size):
-    errors = _misuse(tmp_path, "skip", world_size)
+@pytest.mark.parametrize("world_size,device", [(2, "cpu"), (3, "cpu"), pytest.param(2, "cuda", marks=pytest.mark.cuda)])
+def test_rank_skips_a_layer(tmp_path, world_size, device):
+    errors = _misuse(tmp_path, "skip", world_size, device)
     assert all("ranks are out of step at SyncBatchNorm1d(4)" in e for e in errors), errors
     if world_size == 2:
         assert "SyncBatchNorm1d(4) '0', forward pass #1" in errors[0], errors[0]

@@ -297,8 +297,9 @@ def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
     scenario = cfg["scenario"]
     torch.manual_seed(0)
     widths = cfg.get("widths", [4, 4])
-    model = syncbn.convert_sync_batchnorm(nn.Sequential(*[nn.BatchNorm1d(c) for c in widths]))
-    x = torch.randn(3, widths[0], requires_grad=True)
+    device = _device(cfg, rank)
+    model = syncbn.convert_sync_batchnorm(nn.Sequential(*[nn.BatchNorm1d(c) for c in widths])).to(device)
+    x = torch.randn(3, widths[0], device=device, requires_grad=True)
     try:
         if scenario == "skip":  # rank 1 skips the first layer
             h = x if rank == 1 else model[0](x)
@@ -328,6 +329,8 @@ def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
             model(data)
         else:
             raise ValueError(scenario)
+        # On CUDA the header check lands without a device sync, at the next pass: flush it here.
+        syncbn._comm.check_pending(wait=True)
     except RuntimeError as e:
         return str(e)
     return ""

@@ -130,8 +130,12 @@ def normalize(
 ) -> Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` with given per-channel statistics.
 
-    One fused pass (torch's inference kernel), in the input's dtype and memory format.
+    One fused pass (torch's inference kernel), in the input's dtype and memory format. Inputs
+    of more than 5 dims (which cuDNN refuses) are normalized as ``(N, C, -1)``.
     """
+    if input.dim() > 5:
+        flat = normalize(input.flatten(2), mean, var, weight, bias, eps)
+        return flat.view(input.shape)
     return torch.batch_norm(
         input, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled
     )

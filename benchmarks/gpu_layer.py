@@ -1,0 +1,97 @@
+"""Per-layer forward+backward time on one CUDA GPU: syncbn's full synchronized path vs torch.
+
+    torchrun is not needed: the script makes a 1-rank NCCL group and calls each contender's
+    *synchronized* autograd Function directly (at world size 1 the modules would fall back to plain
+    batch norm), so the collective is real but trivial and the numbers are the compute path:
+
+    python benchmarks/gpu_layer.py            # prints one line per shape and contender
+
+Contenders: torch.nn.BatchNorm2d (unsynchronized, the floor), torch.nn.SyncBatchNorm's Function
+(all_gather of stats, as in torch), syncbn's Function. Median of 50 timed iterations after 10
+warm-ups, CUDA events. Also checks that syncbn's forward does not synchronize the host
+(torch.cuda.set_sync_debug_mode("error") around it).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBNFunction
+
+import syncbn
+from syncbn._function import SyncBatchNormFunction
+
+SHAPES = [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7), (8, 2048, 7, 7), (64, 1024)]
+
+
+def timed(fn, iters=50, warmup=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    group = dist.group.WORLD
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
+    print(f"{'shape':>22} {'dtype':>9} {'layout':>13} {'torch BN':>9} {'torch SyncBN':>12} {'syncbn':>9} {'syncbn/BN':>9} {'syncbn/SyncBN':>13}")
+    for dtype in (torch.float32, torch.float16):
+        for shape in SHAPES + [("cl", (8, 64, 56, 56))]:
+            layout = "contiguous"
+            if shape[0] == "cl":
+                shape, layout = shape[1], "channels_last"
+            c = shape[1]
+            x = torch.randn(shape, device="cuda", dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            dy = torch.randn_like(x)
+            bn = torch.nn.BatchNorm2d(c).cuda() if x.dim() == 4 else torch.nn.BatchNorm1d(c).cuda()
+            w, b = bn.weight, bn.bias
+            rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+            tag = syncbn._comm.LayerTag.for_layer("bench", 0, "bench")
+
+            def plain():
+                bn(x).backward(dy)
+
+            def torch_sync():
+                TorchSyncBNFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, group, 1).backward(dy)
+
+            def ours():
+                SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, group, tag).backward(dy)
+
+            t_plain, t_torch, t_ours = timed(plain), timed(torch_sync), timed(ours)
+            print(f"{str(tuple(shape)):>22} {str(dtype)[6:]:>9} {layout:>13} {t_plain:9.4f} {t_torch:12.4f} "
+                  f"{t_ours:9.4f} {t_ours / t_plain:9.2f} {t_ours / t_torch:13.2f}")
+    # No host synchronization in syncbn's forward.
+    x = torch.randn(8, 64, 28, 28, device="cuda", requires_grad=True)
+    bn = torch.nn.BatchNorm2d(64).cuda()
+    SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, group, tag)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, group, tag)
+        print("forward host sync: none (torch.cuda.set_sync_debug_mode('error') passed)")
+    except RuntimeError as e:
+        print(f"forward host sync: YES: {e}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
