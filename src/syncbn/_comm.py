@@ -56,7 +56,7 @@ _MIN_WIDTH = 64  # channels every buffer is padded to at least
 _widest = _MIN_WIDTH
 _keys: dict[int, str] = {}  # layer key -> description, to name the layer another rank was at
 _layers: weakref.WeakSet[Any] = weakref.WeakSet()  # live syncbn layers, to resolve other keys
-_pending: list[tuple[Any, Tensor, list[int], "LayerTag", int, int, Any]] = []
+_pending: list[tuple[Any, Tensor, list[int], LayerTag, int, int, Any]] = []
 
 
 def debug_level() -> int:

@@ -12,9 +12,8 @@ CPU modules), so ``state_dict``s load both ways between these and ``torch.nn.Bat
 
 from __future__ import annotations
 
-from typing import Any
-
 import itertools
+from typing import Any
 
 import torch
 from torch import Tensor
