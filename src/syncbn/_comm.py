@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ __all__ = [
     "LayerTag",
     "backend_name",
     "check_pending",
+    "compiling",
     "debug_level",
     "describe_group",
     "group_size",
@@ -55,7 +55,6 @@ _FIELDS = ("ones", "layer", "pass", "channels", "direction")
 _MIN_WIDTH = 64  # channels every buffer is padded to at least
 _widest = _MIN_WIDTH
 _keys: dict[int, str] = {}  # layer key -> description, to name the layer another rank was at
-_layers: weakref.WeakSet[Any] = weakref.WeakSet()  # live syncbn layers, to resolve other keys
 _pending: list[tuple[Any, Tensor, list[int], LayerTag, int, int, Any]] = []
 
 
@@ -87,18 +86,14 @@ class LayerTag:
         return LayerTag(key, description)
 
 
-def register_layer(layer: Any) -> None:
-    """Record a syncbn layer: buffers are padded to the widest one, and an error can name the
-    layer another rank was at (``layer._sync_tag()`` gives its key)."""
+def register_layer(channels: int) -> None:
+    """Record a syncbn layer's channel count: buffers are padded to the widest one."""
     global _widest
-    _widest = max(_widest, layer.num_features)
-    _layers.add(layer)
+    _widest = max(_widest, channels)
 
 
 def _describe_key(key: int) -> str:
-    if key not in _keys:
-        for layer in list(_layers):
-            layer._sync_tag()  # registers its key
+    """The layer (of this process) another rank's key names; keys register as tags are made."""
     return _keys.get(key, f"an unknown layer (key {key})")
 
 
@@ -140,7 +135,8 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
     The buffer is ``[1 | payload, zero-padded to 2*width + 1 | (f, f**2) per field | 1]``, the same
     length on every rank and for every syncbn layer of the process.
     """
-    check_pending()
+    if not compiling():
+        check_pending()
     world = group_size(process_group)
     count = tag.forward if direction == FORWARD else tag.backward
     fields = [1, tag.key, count % _FIELD_LIMIT, channels % _FIELD_LIMIT, direction]
@@ -167,7 +163,9 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
         log.info("syncbn: %s %s pass #%d synced over %d ranks (%d numbers)",
                  tag.description, _DIRECTIONS[direction], count, world, buffer.numel())
     checks = torch.cat([buffer[:1], buffer[length + 1:]])
-    if buffer.device.type == "cpu":
+    if compiling():
+        pass  # torch.compile: no host read inside the graph; the header is checked in eager runs
+    elif buffer.device.type == "cpu":
         _verify(checks, fields, world, tag, direction, count, process_group)
     else:
         host = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
@@ -176,6 +174,12 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
         event.record()
         _pending.append((event, host, fields, tag, direction, count, process_group))
     return buffer[1:1 + payload.numel()]
+
+
+def compiling() -> bool:
+    """True while torch.compile traces: no host reads or autograd-engine queries then."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def check_pending(wait: bool = False) -> None:

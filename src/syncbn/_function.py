@@ -88,9 +88,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
                                         keep_nonfinite=policy != "skip")
 
         acc = _stats.acc_dtype(input.dtype)
-        mean_acc, var_acc = mean.to(acc), var.to(acc)
-        invstd = torch.rsqrt(var + eps).to(acc)
-        ctx.save_for_backward(input, weight, mean_acc, invstd, count)
+        # Fresh tensors (copy=True), not views of the reduced buffer: what is saved for backward
+        # must not alias it (torch.compile traces this Function and refuses aliased saves).
+        mean_acc, var_acc = mean.to(acc, copy=True), var.to(acc, copy=True)
+        invstd = torch.rsqrt(var + eps).to(acc, copy=True)
+        ctx.save_for_backward(input, weight, mean_acc, invstd, count.clone())
         ctx.process_group = process_group
         ctx.tag = tag
         ctx.bias_dtype = bias.dtype if bias is not None else input.dtype

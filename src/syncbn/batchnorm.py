@@ -72,7 +72,7 @@ class SyncBatchNorm(_BatchNorm):
         torch.Size([4, 3, 5])
     """
 
-    _layer_name: str | None = None
+    _name: str | None = None
 
     def __init__(
         self,
@@ -90,16 +90,24 @@ class SyncBatchNorm(_BatchNorm):
         )
         self.process_group = process_group
         self._creation_index = next(_creation_index)
-        self._tag: _comm.LayerTag | None = None
-        _comm.register_layer(self)
+        self._tag = self._make_tag()
+        _comm.register_layer(num_features)
+
+    @property
+    def _layer_name(self) -> str | None:
+        """Qualified name in the model (set by ``convert_sync_batchnorm``), for errors and the tag."""
+        return self._name
+
+    @_layer_name.setter
+    def _layer_name(self, name: str | None) -> None:
+        self._name = name
+        self._tag = self._make_tag()
+
+    def _make_tag(self) -> _comm.LayerTag:
+        return _comm.LayerTag.for_layer(self._name, self._creation_index, self.layer_description())
 
     def _sync_tag(self) -> _comm.LayerTag:
-        """The layer's identity and pass counters in the collective's header (made at first use,
-        after ``convert_sync_batchnorm`` has named the layer)."""
-        if self._tag is None:
-            self._tag = _comm.LayerTag.for_layer(
-                self._layer_name, self._creation_index, self.layer_description()
-            )
+        """The layer's identity and pass counters in the collective's header."""
         return self._tag
 
     def layer_description(self) -> str:
@@ -118,7 +126,7 @@ class SyncBatchNorm(_BatchNorm):
         check_input(input, self.num_features, self.layer_description())
         # An activation-checkpoint recompute runs the forward again inside the backward: it
         # must normalize the same way but not count the batch or update the statistics twice.
-        recompute = self.training and torch._C._current_graph_task_id() != -1
+        recompute = self.training and not _comm.compiling() and torch._C._current_graph_task_id() != -1
         update = self.training and self.track_running_stats and not recompute
         # The bookkeeping below is torch.nn.BatchNorm's, line for line.
         factor = 0.0 if self.momentum is None else self.momentum
