@@ -37,6 +37,7 @@ __all__ = [
     "FORWARD",
     "LayerTag",
     "backend_name",
+    "buffer_length",
     "check_pending",
     "compiling",
     "debug_level",
@@ -90,6 +91,11 @@ def register_layer(channels: int) -> None:
     """Record a syncbn layer's channel count: buffers are padded to the widest one."""
     global _widest
     _widest = max(_widest, channels)
+
+
+def buffer_length(channels: int) -> int:
+    """Numbers (float64) in the all_reduce a layer of ``channels`` sends per pass."""
+    return 2 * max(_widest, channels) + 1 + 2 * len(_FIELDS) + 2
 
 
 def _describe_key(key: int) -> str:

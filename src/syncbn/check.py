@@ -21,7 +21,8 @@ computed on its CPU:
 
 Each error is ``max |syncbn - reference| / max(1, max |reference|)``; the tolerance is 1e-10 for
 float64 and 1e-5 for float32. Then it times, on the same devices, the forward collective alone
-(an ``all_reduce`` of ``2C + 1`` float64, the size syncbn sends) and one layer's forward +
+(an ``all_reduce`` of as many float64 as syncbn sends: ``2C + 1`` padded to the widest layer,
+at least 64 channels, plus a 12-number header) and one layer's forward +
 backward on the rank's shard (both including their collectives; medians over ``--iters``).
 
 Output: one line per rank (rank, host, device, backend, shard size, the largest errors, PASS or
@@ -237,7 +238,7 @@ def check_rank(rank: int, world_size: int, device: torch.device, opts: dict[str,
     running = torch.cat([layer.running_mean, layer.running_var]).double().cpu().tolist()
 
     # Timing: the forward collective alone, then one layer's forward + backward.
-    buffer = torch.zeros(2 * c + 1, dtype=torch.float64, device=device)
+    buffer = torch.zeros(syncbn._comm.buffer_length(c), dtype=torch.float64, device=device)
     times = []
     for i in range(_WARMUP + opts["iters"]):
         _sync(device)
@@ -311,7 +312,7 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['world_size']} ranks ({meta['launcher']}), {meta['dtype']}, C={meta['channels']}, "
         f"{meta['size']}x{meta['size']} samples, shards {meta['sizes']}",
         f"errors: max |syncbn - float64 reference| / max(1, max |reference|), tolerance {tol:g}; "
-        f"all_reduce: {2 * meta['channels'] + 1} float64 (the forward's buffer); fwd+bwd: one "
+        f"all_reduce: {meta['buffer']} float64 (the forward's buffer); fwd+bwd: one "
         f"layer on the rank's shard; medians of {meta['iters']}",
         "",
         fmt.format(*head).rstrip(),
@@ -327,11 +328,12 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def _meta(world_size: int, launcher: str, opts: dict[str, Any]) -> dict[str, Any]:
-    from . import __version__
+    from . import __version__, _comm
 
     return {"syncbn_version": __version__, "torch_version": torch.__version__,
             "world_size": world_size, "launcher": launcher,
-            "sizes": shard_sizes(world_size, opts["batch"]), **opts}
+            "sizes": shard_sizes(world_size, opts["batch"]),
+            "buffer": _comm.buffer_length(opts["channels"]), **opts}
 
 
 # --------------------------------------------------------------------------- launching
