@@ -55,6 +55,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._spawn import SpawnFailure, run_spawned
+
 __all__ = ["TOLERANCES", "add_parser", "run", "shard_sizes"]
 
 #: Largest allowed ``max |syncbn - reference| / max(1, max |reference|)`` per dtype.
@@ -361,39 +363,15 @@ def _spawned_rank(rank: int, world_size: int, store_path: str, result_path: str,
         dist.destroy_process_group()  # no barrier: a failed rank must not wait for the others
 
 
-class _Failure(Exception):
-    """A rank failed or timed out; the message says which and why."""
+_Failure = SpawnFailure  # a rank failed or timed out; the message says which and why
 
 
 def _spawn(world_size: int, opts: dict[str, Any]) -> list[dict[str, Any]]:
-    import torch.multiprocessing as tmp
-
     with tempfile.TemporaryDirectory(prefix="syncbn-check-") as tmpdir:
         result_path = os.path.join(tmpdir, "rows.json")
-        ctx = tmp.start_processes(
-            _spawned_rank, args=(world_size, os.path.join(tmpdir, "store"), result_path, opts),
-            nprocs=world_size, join=False, start_method="spawn",
-        )
-        deadline = time.monotonic() + opts["timeout"] + 30.0  # + start-up
-        try:
-            while not ctx.join(timeout=1.0, grace_period=5.0):
-                if time.monotonic() > deadline:
-                    running = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
-                    raise _Failure(f"ranks {running} did not finish within --timeout "
-                                   f"{opts['timeout']:g} s (+30 s to start); stopped them")
-        except tmp.ProcessRaisedException as e:
-            raise _Failure(f"rank {e.error_index} failed:{e}") from None
-        except tmp.ProcessExitedException as e:
-            raise _Failure(f"rank {e.error_index} died: {e}") from None
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            for p in ctx.processes:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+        run_spawned(_spawned_rank, (world_size, os.path.join(tmpdir, "store"), result_path, opts),
+                    world_size, opts["timeout"] + 30.0,  # + start-up
+                    f"--timeout {opts['timeout']:g} s (+30 s to start)")
         if not os.path.exists(result_path):
             raise _Failure("rank 0 finished without writing its results")
         with open(result_path) as f:

@@ -86,7 +86,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -97,6 +96,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ._spawn import SpawnFailure, run_spawned
 
 __all__ = ["CONFIGS", "NOISE_FACTOR", "TOLERANCES", "add_parser", "check_exactness", "make_model",
            "run"]
@@ -452,62 +453,21 @@ def _spawned_rank(rank: int, world_size: int, store_path: str, data_path: str, r
 # --------------------------------------------------------------------------- launching
 
 
-class _Failure(Exception):
-    """A rank failed or timed out; the message says which and why."""
+_Failure = SpawnFailure  # a rank failed or timed out; the message says which and why
 
 
 def _spawn(world_size: int, raw: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     """Run the configurations on ``world_size`` spawned CPU processes; rank 0's results."""
-    import torch.multiprocessing as tmp
-
     with tempfile.TemporaryDirectory(prefix="syncbn-demo-") as tmpdir:
         data_path = os.path.join(tmpdir, "data.pt")
         result_path = os.path.join(tmpdir, "results.pt")
         torch.save(raw, data_path)
-        ctx = tmp.start_processes(
-            _spawned_rank,
-            args=(world_size, os.path.join(tmpdir, "store"), data_path, result_path, opts),
-            nprocs=world_size, join=False, start_method="spawn",
-        )
-        deadline = time.monotonic() + opts["timeout"]
-        previous = _stop_on_sigterm()
-        try:
-            while not ctx.join(timeout=1.0, grace_period=5.0):
-                if time.monotonic() > deadline:
-                    running = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
-                    raise _Failure(f"ranks {running} did not finish within --timeout "
-                                   f"{opts['timeout']:g} s; stopped them")
-        except tmp.ProcessRaisedException as e:
-            raise _Failure(f"rank {e.error_index} failed:{e}") from None
-        except tmp.ProcessExitedException as e:
-            raise _Failure(f"rank {e.error_index} died: {e}") from None
-        finally:  # also on Ctrl-C or SIGTERM: no rank outlives the demo
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            for p in ctx.processes:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+        run_spawned(_spawned_rank,
+                    (world_size, os.path.join(tmpdir, "store"), data_path, result_path, opts),
+                    world_size, opts["timeout"], f"--timeout {opts['timeout']:g} s")
         if not os.path.exists(result_path):
             raise _Failure("rank 0 finished without writing its results")
         return torch.load(result_path, weights_only=True)
-
-
-def _stop_on_sigterm() -> Any:
-    """Turn SIGTERM into KeyboardInterrupt (so that the ranks get stopped); the old handler."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    return signal.signal(signal.SIGTERM, handler)
 
 
 def _under_torchrun() -> bool:

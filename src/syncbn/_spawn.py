@@ -1,0 +1,64 @@
+"""Local CPU ranks for the command-line tools (``syncbn demo``, ``syncbn check``).
+
+One place for what both need: spawn ``nprocs`` processes, wait with a deadline, turn a rank's
+exception or death into a :class:`SpawnFailure` that names the rank, and leave no rank running
+(also on Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["SpawnFailure", "run_spawned"]
+
+
+class SpawnFailure(Exception):
+    """A rank failed or timed out; the message says which and why."""
+
+
+def run_spawned(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int, timeout: float,
+                what: str) -> None:
+    """Run ``fn(rank, *args)`` on ``nprocs`` spawned processes and wait at most ``timeout`` s.
+
+    ``what`` describes the limit in the timeout message (e.g. ``"--timeout 900 s"``).
+    """
+    import torch.multiprocessing as tmp
+
+    ctx = tmp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    previous = _stop_on_sigterm()
+    try:
+        while not ctx.join(timeout=1.0, grace_period=5.0):
+            if time.monotonic() > deadline:
+                running = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
+                raise SpawnFailure(f"ranks {running} did not finish within {what}; stopped them")
+    except tmp.ProcessRaisedException as e:
+        raise SpawnFailure(f"rank {e.error_index} failed:{e}") from None
+    except tmp.ProcessExitedException as e:
+        raise SpawnFailure(f"rank {e.error_index} died: {e}") from None
+    finally:  # also on Ctrl-C or SIGTERM: no rank outlives the command
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ctx.processes:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm() -> Any:
+    """Turn SIGTERM into KeyboardInterrupt (so that the ranks get stopped); the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
