@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,7 +75,6 @@ class LayerTag:
     description: str
     forward: int = 0
     backward: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
     def for_layer(name: str | None, index: int, description: str) -> LayerTag:
@@ -151,8 +150,10 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
     width = max(_widest, channels)
     length = 2 * width + 1
     head = torch.tensor([v for f in fields for v in (f, f * f)], dtype=torch.float64)
-    if payload.device.type != "cpu":
+    if payload.device.type == "cuda":  # an asynchronous copy: the host does not wait
         head = head.pin_memory().to(payload.device, non_blocking=True)
+    elif payload.device.type != "cpu":
+        head = head.to(payload.device)
     one = payload.new_ones(1)
     buffer = torch.cat([one, payload, payload.new_zeros(length - payload.numel()), head, one])
     # 1, payload + padding, 2 * fields, 1 -> (2 * width + 2 * len(fields) + 3)
@@ -170,9 +171,9 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
                  tag.description, _DIRECTIONS[direction], count, world, buffer.numel())
     checks = torch.cat([buffer[:1], buffer[length + 1:]])
     if compiling():
-        pass  # torch.compile: no host read inside the graph; the header is checked in eager runs
-    elif buffer.device.type == "cpu":
-        _verify(checks, fields, world, tag, direction, count, process_group)
+        pass  # no host read inside a compiled graph: compiled code does not check the header
+    elif buffer.device.type != "cuda":
+        _verify(checks.cpu(), fields, world, tag, direction, count, process_group)
     else:
         host = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
         host.copy_(checks, non_blocking=True)
