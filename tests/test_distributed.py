@@ -206,8 +206,8 @@ def test_debug_mode_shows_every_ranks_view(tmp_path):
     errors = _misuse(tmp_path, "skip", debug=True)
     for e in errors:
         assert "syncbn (SYNCBN_DEBUG): ranks are out of step" in e, e
-        assert "rank 0: SyncBatchNorm1d(4) '0', forward pass #1, 4 channels" in e, e
-        assert "rank 1: SyncBatchNorm1d(4) '1', forward pass #1, 4 channels" in e, e
+        assert "rank 0: SyncBatchNorm1d(4) '0', forward pass #1, 4 channels, input (3, 4)" in e, e
+        assert "rank 1: SyncBatchNorm1d(4) '1', forward pass #1, 4 channels, input (3, 4)" in e, e
 
 
 def test_debug_mode_names_the_rank_with_non_finite_statistics(tmp_path):

@@ -134,11 +134,12 @@ _CAUSES = (
 
 
 def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
-               process_group: Any | None = None) -> Tensor:
+               process_group: Any | None = None, shape: tuple[int, ...] = ()) -> Tensor:
     """Sum the float64 ``payload`` over the group in ONE all_reduce and return the summed payload.
 
     The buffer is ``[1 | payload, zero-padded to 2*width + 1 | (f, f**2) per field | 1]``, the same
-    length on every rank and for every syncbn layer of the process.
+    length on every rank and for every syncbn layer of the process. ``shape`` (the input's) is
+    only reported, in debug mode.
     """
     if not compiling():
         check_pending()
@@ -146,7 +147,7 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
     count = tag.forward if direction == FORWARD else tag.backward
     fields = [1, tag.key, count % _FIELD_LIMIT, channels % _FIELD_LIMIT, direction]
     if debug_level():
-        _debug_gather(payload, tag, direction, channels, count, process_group)
+        _debug_gather(payload, tag, direction, channels, count, process_group, shape)
     width = max(_widest, channels)
     length = 2 * width + 1
     head = torch.tensor([v for f in fields for v in (f, f * f)], dtype=torch.float64)
@@ -230,11 +231,16 @@ def _verify(checks: Tensor, fields: list[int], world: int, tag: LayerTag, direct
         )
 
 
+_MAX_DIMS = 8  # input dims reported in debug mode
+
+
 def _debug_gather(payload: Tensor, tag: LayerTag, direction: int, channels: int, count: int,
-                  process_group: Any | None) -> None:
+                  process_group: Any | None, shape: tuple[int, ...]) -> None:
     """Debug mode: every rank's view (fixed size, so safe to gather), compared before the sum."""
     finite = bool(torch.isfinite(payload).all())
-    view = torch.tensor([tag.key, count, channels, direction, float(finite)], dtype=torch.float64)
+    dims = list(shape[:_MAX_DIMS]) + [-1] * (_MAX_DIMS - len(shape[:_MAX_DIMS]))
+    view = torch.tensor([tag.key, count, channels, direction, float(finite), *dims],
+                        dtype=torch.float64)
     view = view.to(payload.device)
     world = group_size(process_group)
     views = [torch.empty_like(view) for _ in range(world)]
@@ -249,6 +255,7 @@ def _debug_gather(payload: Tensor, tag: LayerTag, direction: int, channels: int,
     table = "\n".join(
         f"  rank {ranks[i]}: {_describe_key(int(r[0]))}, "
         f"{_DIRECTIONS.get(int(r[3]), '?')} pass #{int(r[1])}, {int(r[2])} channels, "
+        f"input {tuple(int(d) for d in r[5:] if d >= 0)}, "
         f"local statistics {'finite' if r[4] else 'NOT FINITE'}"
         for i, r in enumerate(rows)
     )

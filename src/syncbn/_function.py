@@ -59,7 +59,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # Every rank calls the collective, even with an empty shard; counts travel with the sums.
         tag.forward += 1
         moments = _stats.local_moments(input)  # C, C, 1 -> (2C + 1) float64
-        moments = _comm.synced_sum(moments, tag, _comm.FORWARD, channels, process_group)
+        moments = _comm.synced_sum(moments, tag, _comm.FORWARD, channels, process_group,
+                                   tuple(input.shape))
         mean, var, count = _stats.global_mean_var(moments, channels)
 
         # The global count is only needed on the host when this shard alone cannot prove it is
@@ -112,7 +113,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             channels = input.shape[1]
             ctx.tag.backward += 1
             packed = torch.cat([sum_dy, sum_dy_xhat]).double()  # C, C -> (2C)
-            packed = _comm.synced_sum(packed, ctx.tag, _comm.BACKWARD, channels, ctx.process_group)
+            packed = _comm.synced_sum(packed, ctx.tag, _comm.BACKWARD, channels, ctx.process_group,
+                                      tuple(input.shape))
             packed = packed.to(sum_dy.dtype)
             grad_in = _stats.grad_input(
                 grad_output, input, mean, invstd, weight,
