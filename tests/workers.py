@@ -7,6 +7,7 @@ raises (with what differed) if it does not match.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -391,3 +392,23 @@ def nonfinite(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
     else:  # skip: the poisoned channel keeps its previous statistics
         assert layer.running_mean[0] == 0.0 and layer.running_var[0] == 1.0, layer.running_mean
     return ""
+
+
+def fuzz_case(rank: int, world_size: int, cfg: dict[str, Any]) -> tuple[str, str]:
+    """One random case: valid ones must match the reference (asserted in ``exactness``);
+    invalid ones must raise. Returns ("ok", "") or (error type, message) for this rank."""
+    fault = cfg.get("fault")
+    one_value = sum(cfg["sizes"]) * math.prod(cfg["tail"][1:]) == 1
+    try:
+        if fault is None and not one_value:
+            exactness(rank, world_size, cfg)
+            return "ok", ""
+        channels = cfg["tail"][0]
+        layer = syncbn.SyncBatchNorm(channels)
+        shape = (cfg["sizes"][rank], *cfg["tail"])
+        if rank == cfg["bad_rank"]:
+            shape = (shape[0], channels + 1, *shape[2:]) if fault == "channels" else (channels,)
+        layer(torch.randn(shape)).sum().backward()
+        return "ok", ""
+    except (ValueError, RuntimeError) as e:
+        return type(e).__name__, str(e)
