@@ -406,7 +406,7 @@ def fuzz_case(rank: int, world_size: int, cfg: dict[str, Any]) -> tuple[str, str
         channels = cfg["tail"][0]
         layer = syncbn.SyncBatchNorm(channels)
         shape = (cfg["sizes"][rank], *cfg["tail"])
-        if rank == cfg["bad_rank"]:
+        if fault is not None and rank == cfg["bad_rank"]:
             shape = (shape[0], channels + 1, *shape[2:]) if fault == "channels" else (channels,)
         layer(torch.randn(shape)).sum().backward()
         return "ok", ""
