@@ -9,7 +9,8 @@ Distributed invariants enforced here and by the callers:
   and broadcast it), so everything derived from it (running statistics, checks) is too;
 * every syncbn buffer in a process has the same length and dtype (payload padded to the widest
   syncbn layer, float64), because buffers of different lengths must never meet in one
-  all_reduce: gloo then returns half-reduced data on one rank or aborts the process, NCCL hangs.
+  all_reduce: gloo then returns half-reduced data on one rank or aborts the process (seen here);
+  for NCCL the behaviour is undefined (not tested: it needs two GPUs).
 
 Mismatch detection rides in the same buffer, at no extra round trip. Each rank appends small
 integer fields ``f`` (a ones-counter, the layer's key, its pass number, its channel count, the
@@ -17,7 +18,8 @@ direction) together with ``f**2``; after the sum, ``sum(f) == W*f`` and ``sum(f*
 hold on a rank exactly when every rank sent the same ``f`` (zero spread). The fields are below
 2**20 and W <= 8192, so the float64 sums are exact. Sentinel ones at both ends of the buffer
 catch a partly reduced buffer. On CUDA the check runs on the host as soon as the (non-blocking)
-copy of the header has landed, at the next pass, so the forward never waits for the device.
+copy of the header has landed, at the next pass, so the forward never waits for the device: the
+error comes one pass late there.
 """
 
 from __future__ import annotations
