@@ -221,3 +221,14 @@ def test_public_surface():
         assert hasattr(syncbn, name), name
     import importlib.resources
     assert importlib.resources.files("syncbn").joinpath("py.typed").is_file()
+
+
+def test_api_reference_is_current():
+    """docs/api.md is made from the docstrings: regenerate it with `python docs/make_api.py`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "docs" / "make_api.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, "docs/api.md is stale: run `python docs/make_api.py`" + done.stderr

@@ -41,8 +41,9 @@ class SyncBatchNorm(_BatchNorm):
 
     In training mode under an initialized ``torch.distributed`` with more than one rank in
     ``process_group``, ``E`` and ``Var`` are taken over the concatenation of every rank's batch
-    (shards may differ in size and be empty) with one ``all_reduce`` of ``2C + 1`` numbers forward
-    and one of ``2C`` numbers backward. Otherwise (eval mode, one rank, no process group) it is
+    (shards may differ in size and be empty) with one ``all_reduce`` forward (sums of ``x`` and
+    ``x**2`` and the count: ``2C + 1`` numbers) and one backward (``2C``), each padded to the
+    widest syncbn layer and carrying a small header that detects ranks out of step. Otherwise (eval mode, one rank, no process group) it is
     exactly ``torch.nn.BatchNorm*d``, with no collective. Running statistics use the global
     unbiased variance and are bitwise identical on every rank.
 
