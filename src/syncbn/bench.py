@@ -1,0 +1,589 @@
+"""``syncbn bench``: how fast is syncbn, per layer and end to end, against torch and a textbook SyncBN.
+
+Commands::
+
+    syncbn bench                      # full run: CPU (GPU where available), a few minutes on 2 cores
+    syncbn bench --quick              # short run (N=2 shapes, fewer iterations, small network)
+    syncbn bench --out results/ --threads 1 --world-sizes 1,2
+    syncbn bench --shapes 2x64x56x56,64x1024,cl:2x64x56x56 --no-e2e
+
+Three sections, each a table on stdout; every number also goes to ``--out/syncbn-bench.json``
+(with torch version, machine, date, threads and the command line).
+
+1. Per layer: forward + backward of one batch-norm layer (ResNet-50-like shapes at small per-rank
+   batch; ``NxCxHxW``, ``NxC`` for 1d, ``cl:`` prefix for channels_last), at each world size in
+   ``--world-sizes`` (spawned gloo processes, or NCCL with one GPU per rank). Contenders, timed in
+   the same processes, interleaved in rounds, median over all timed iterations after warm-up:
+
+   * ``torch BN``: ``torch.nn.BatchNorm1d/2d``, unsynchronized (the floor);
+   * ``syncbn``: at W >= 2 the real ``syncbn.SyncBatchNorm1d/2d`` module; at W = 1 (where the
+     module falls back to plain BN, timed as ``fallback``) syncbn's synchronized path itself,
+     ``SyncBatchNormFunction.apply`` over a 1-rank group;
+   * ``textbook``: the SyncBN most pure-Python versions write: per-channel sum and sum of squares,
+     one autograd-aware ``torch.distributed.nn.functional.all_reduce`` of ``[sum, sum_sq, count]``,
+     ``(x - mean) * rsqrt(var + eps) * w + b`` with autograd doing the backward (also two
+     collectives per forward+backward), running statistics updated under ``no_grad``;
+   * ``all_reduce``: one plain ``dist.all_reduce`` of the buffer syncbn sends for that layer
+     (``syncbn._comm.buffer_length(C)`` float64). ``syncbn compute = syncbn - 2 x all_reduce``
+     (one collective forward, one backward).
+
+   Each shape is timed as if it were the only syncbn layer of the process (syncbn pads every
+   buffer to the widest layer it has seen; the benchmark resets that between shapes). In a
+   ResNet-50 every buffer is padded to 2048 channels; section 2 runs a whole network.
+
+2. End to end: one training step (forward, backward, SGD step) of a ResNet-18-style network
+   (BasicBlocks, BatchNorm after every conv, defined here) on ``--e2e-input`` per rank
+   (default 2x3x64x64; --quick: 2x3x32x32 and half the widths), W=2 ranks under DDP (default
+   options, so buffers are broadcast every forward in both contenders), plain BatchNorm vs
+   ``syncbn.convert_sync_batchnorm``. Each contender runs in its own fresh processes. Median step
+   time per rank (the table shows the slowest rank's median).
+
+3. Memory, from the same runs. CUDA: ``torch.cuda.max_memory_allocated`` over the steps. CPU: peak
+   RSS growth of each rank over the steps: ``ru_maxrss`` (``resource.getrusage``) after the steps
+   minus the resident set size (``/proc/self/statm``) right before the first step, after the model,
+   data and optimizer exist. It counts what the allocator takes from the OS during the steps
+   (activations, gradients, optimizer and communication buffers, allocator slack), at page
+   granularity, not bytes torch allocated; the absolute peak RSS is in the JSON too.
+
+Spawned ranks: ``spawn`` start method, gloo over a ``FileStore`` in a temporary directory, a
+timeout on ``init_process_group``, ``torch.set_num_threads(--threads)`` per rank; a failing rank's
+traceback is printed and the run exits 1; ``--timeout`` bounds each launch.
+
+Exit status: 0 done; 1 a rank failed or timed out; 2 bad options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+FULL_SHAPES = ("2x64x56x56,2x128x28x28,2x256x14x14,2x512x7x7,2x2048x7x7,"
+               "8x64x56x56,8x128x28x28,8x256x14x14,8x512x7x7,8x2048x7x7,64x1024,cl:2x64x56x56")
+QUICK_SHAPES = "2x64x56x56,2x128x28x28,2x256x14x14,2x512x7x7,2x2048x7x7,64x1024,cl:2x64x56x56"
+_PG_TIMEOUT_S = 120
+EPS, MOMENTUM = 1e-5, 0.1
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _parse_shape(text: str) -> dict[str, Any]:
+    layout = "contiguous"
+    spec = text.strip()
+    if spec.startswith("cl:"):
+        layout, spec = "channels_last", spec[3:]
+    try:
+        dims = tuple(int(d) for d in spec.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected NxC or NxCxHxW") from None
+    if len(dims) not in (2, 4) or min(dims) < 1 or (layout == "channels_last" and len(dims) != 4):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected NxC, NxCxHxW or cl:NxCxHxW")
+    return {"shape": dims, "layout": layout, "name": ("cl:" if layout == "channels_last" else "")
+            + "x".join(map(str, dims))}
+
+
+def _shape_list(text: str) -> list[dict[str, Any]]:
+    return [_parse_shape(s) for s in text.split(",") if s.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to ``syncbn``'s subparsers; returns its parser."""
+    p = subparsers.add_parser(
+        "bench", help="time syncbn per layer and end to end against torch BN and a textbook SyncBN",
+        description=__doc__.split("\n\n")[0] + " Tables on stdout, all numbers in "
+        "OUT/syncbn-bench.json.", epilog="Exit status: 0 done, 1 a rank failed, 2 bad options.")
+    p.add_argument("--quick", action="store_true",
+                   help="short run: N=2 shapes, fewer iterations, smaller network (< 1 min on 2 cores)")
+    p.add_argument("--out", type=Path, default=Path("."), help="directory for syncbn-bench.json "
+                   "(default: current directory)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch.set_num_threads in every rank (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="'auto': CUDA when there is a GPU per rank, else CPU (default: %(default)s)")
+    p.add_argument("--shapes", type=_shape_list, default=None,
+                   help="per-layer shapes, comma-separated NxCxHxW / NxC / cl:NxCxHxW "
+                   "(default: the ResNet-50 set; --quick: its N=2 part)")
+    p.add_argument("--world-sizes", type=_int_list, default=[1, 2], metavar="W[,W...]",
+                   help="world sizes of the per-layer section (default: 1,2)")
+    p.add_argument("--iters", type=_positive_int, default=None,
+                   help="timed iterations per contender and shape (default 100; --quick 10)")
+    p.add_argument("--warmup", type=_positive_int, default=None,
+                   help="warm-up iterations per contender and shape (default 10; --quick 2)")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer section")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end and memory sections")
+    p.add_argument("--e2e-input", type=_parse_shape, default=None, metavar="NxCxHxW",
+                   help="per-rank input of the end-to-end step (default 2x3x64x64; --quick 2x3x32x32)")
+    p.add_argument("--e2e-steps", type=_positive_int, default=None,
+                   help="timed training steps per contender (default 30; --quick 5)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds each launch of ranks may take (default: %(default)s)")
+    p.set_defaults(run=run)
+    return p
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_rounds(contenders: dict[str, Callable[[], Any]], iters: int, warmup: int,
+                 device: torch.device, barrier: Callable[[], None], rounds: int = 5) -> dict[str, dict]:
+    """Median/min ms of each contender; contenders interleaved in ``rounds`` blocks."""
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for name, fn in contenders.items():
+        barrier()
+        for _ in range(warmup):
+            fn()
+    per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
+    for n in per_round:
+        for name, fn in contenders.items():
+            barrier()
+            for _ in range(n):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "n": len(v)}
+            for k, v in times.items() if v}
+
+
+def textbook_sync_bn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                     momentum: float, group: Any) -> torch.Tensor:
+    """The textbook SyncBN: E[x], E[x^2] via one autograd-aware all_reduce; autograd backward."""
+    import warnings
+
+    import torch.distributed.nn.functional as dnn
+
+    c = x.shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    n = x.numel() // c
+    packed = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), float(n))])
+    with warnings.catch_warnings():  # "deprecated": it is still what such code calls
+        warnings.simplefilter("ignore", FutureWarning)
+        packed = dnn.all_reduce(packed, group=group)
+    count = packed[-1]
+    mean = packed[:c] / count
+    var = packed[c:2 * c] / count - mean * mean
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.detach() * count / (count - 1), alpha=momentum)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    return ((x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * weight.view(shape)
+            + bias.view(shape))
+
+
+# --------------------------------------------------------------------------- per layer
+
+
+def _layer_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any]) -> dict:
+    return {"layers": [_layer_row(spec, rank, world, device, opts) for spec in opts["shapes"]]}
+
+
+def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device,
+               opts: dict[str, Any]) -> dict:
+    """Time every contender on one shape (all ranks run the same shapes in the same order)."""
+    import torch.distributed as dist
+
+    import syncbn
+    from syncbn import _comm
+    from syncbn._function import SyncBatchNormFunction
+
+    group = dist.group.WORLD
+    barrier = (lambda: dist.barrier()) if world > 1 else (lambda: None)
+    shape, c = spec["shape"], spec["shape"][1]
+    _comm._widest = _comm._MIN_WIDTH  # this layer alone: no padding to an earlier, wider one
+    torch.manual_seed(rank)
+    x = torch.randn(shape, device=device)
+    if spec["layout"] == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    two_d = len(shape) == 4
+    bn = (torch.nn.BatchNorm2d(c) if two_d else torch.nn.BatchNorm1d(c)).to(device)
+    sbn = (syncbn.SyncBatchNorm2d(c) if two_d else syncbn.SyncBatchNorm1d(c)).to(device)
+    tb_w = torch.nn.Parameter(torch.ones(c, device=device))
+    tb_b = torch.nn.Parameter(torch.zeros(c, device=device))
+    tb_rm, tb_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    f_rm, f_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    tag = _comm.LayerTag.for_layer(f"bench.{spec['name']}", 0, f"bench layer {spec['name']}")
+    buf = torch.zeros(_comm.buffer_length(c), dtype=torch.float64, device=device)
+
+    def torch_bn() -> None:
+        x.grad = None
+        bn(x).backward(dy)
+
+    def syncbn_module() -> None:
+        x.grad = None
+        sbn(x).backward(dy)
+
+    def syncbn_function() -> None:
+        x.grad = None
+        SyncBatchNormFunction.apply(x, sbn.weight, sbn.bias, f_rm, f_rv, EPS, MOMENTUM,
+                                    group, tag).backward(dy)
+
+    def textbook() -> None:
+        x.grad = None
+        textbook_sync_bn(x, tb_w, tb_b, tb_rm, tb_rv, EPS, MOMENTUM, group).backward(dy)
+
+    def all_reduce() -> None:
+        dist.all_reduce(buf, group=group)
+
+    contenders = {"torch_bn": torch_bn}
+    if world == 1:
+        contenders["syncbn"] = syncbn_function
+        contenders["syncbn_fallback"] = syncbn_module
+    else:
+        contenders["syncbn"] = syncbn_module
+    contenders["textbook"] = textbook
+    contenders["all_reduce"] = all_reduce
+    res = _time_rounds(contenders, opts["iters"], opts["warmup"], device, barrier)
+    res = {k: v["median_ms"] for k, v in res.items()}
+    return {"shape": spec["name"], "world_size": world, "rank": rank,
+            "buffer_numbers": buf.numel(), **{f"{k}_ms": v for k, v in res.items()}}
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def make_resnet18(width: int = 64, num_classes: int = 10) -> torch.nn.Module:
+    """A ResNet-18-style network: 3x3 stem, 4 stages x 2 BasicBlocks, BN after every conv."""
+    nn = torch.nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.down = None
+            if stride != 1 or cin != cout:
+                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return torch.relu(out + (x if self.down is None else self.down(x)))
+
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                               nn.ReLU()]
+    cin = width
+    for i, mult in enumerate((1, 2, 4, 8)):
+        cout = width * mult
+        layers += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any]) -> dict:
+    import torch.distributed as dist
+
+    import syncbn
+
+    torch.manual_seed(0)
+    model = make_resnet18(opts["e2e_width"])
+    if opts["contender"] == "syncbn":
+        model = syncbn.convert_sync_batchnorm(model)
+    model = model.to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(opts["e2e_input"], device=device)
+    y = torch.randint(0, 10, (x.shape[0],), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(ddp(x), y).backward()
+        opt.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _rss_bytes()
+    for _ in range(opts["warmup"]):
+        step()
+    times = []
+    for _ in range(opts["e2e_steps"]):
+        dist.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        mem = {"peak_growth_bytes": peak - base, "peak_bytes": peak,
+               "method": "torch.cuda.max_memory_allocated"}
+    else:
+        peak = _maxrss_bytes()
+        mem = {"peak_growth_bytes": peak - base, "peak_bytes": peak,
+               "method": "ru_maxrss after the steps minus RSS before the first step"}
+    return {"e2e": {"contender": opts["contender"], "rank": rank, "world_size": world,
+                    "step_median_ms": statistics.median(times), "step_min_ms": min(times),
+                    "steps": len(times), **mem}}
+
+
+# --------------------------------------------------------------------------- launching
+
+
+class _Failure(Exception):
+    """A rank failed or timed out."""
+
+
+def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: str,
+               opts: dict[str, Any]) -> None:
+    """Entry point of a spawned rank."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(opts["threads"])
+    device = torch.device("cpu")
+    backend = "gloo"
+    if opts["device"] == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=_PG_TIMEOUT_S))
+    try:
+        result = (_layer_rank if task == "layers" else _e2e_rank)(rank, world, device, opts)
+        result["backend"] = backend
+        torch.save(result, f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(world: int, task: str, opts: dict[str, Any]) -> list[dict]:
+    """Run ``task`` on ``world`` spawned ranks; every rank's result."""
+    import torch.multiprocessing as tmp
+
+    with tempfile.TemporaryDirectory(prefix="syncbn-bench-") as tmpdir:
+        result_path = os.path.join(tmpdir, "result")
+        ctx = tmp.start_processes(
+            _rank_main, args=(world, os.path.join(tmpdir, "store"), result_path, task, opts),
+            nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + opts["timeout"]
+        try:
+            while not ctx.join(timeout=1.0, grace_period=5.0):
+                if time.monotonic() > deadline:
+                    raise _Failure(f"{task} on {world} ranks did not finish within --timeout "
+                                   f"{opts['timeout']:g} s; stopped them")
+        except tmp.ProcessRaisedException as e:
+            raise _Failure(f"rank {e.error_index} failed ({task}, W={world}):{e}") from None
+        except tmp.ProcessExitedException as e:
+            raise _Failure(f"rank {e.error_index} died ({task}, W={world}): {e}") from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in ctx.processes:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        return [torch.load(f"{result_path}.{r}", weights_only=False) for r in range(world)]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _merge_layer_rows(per_rank: list[dict]) -> list[dict]:
+    """One row per shape: the slowest rank's median for every contender (ranks wait on each other)."""
+    merged = []
+    for rows in zip(*(r["layers"] for r in per_rank)):
+        row = {"shape": rows[0]["shape"], "world_size": rows[0]["world_size"],
+               "buffer_numbers": rows[0]["buffer_numbers"]}
+        for key in rows[0]:
+            if key.endswith("_ms"):
+                row[key] = max(r[key] for r in rows)
+                row[key.replace("_ms", "_ms_per_rank")] = [r[key] for r in rows]
+        row["syncbn_compute_ms"] = row["syncbn_ms"] - 2 * row["all_reduce_ms"]
+        row["syncbn_over_bn"] = row["syncbn_ms"] / row["torch_bn_ms"]
+        row["compute_over_bn"] = row["syncbn_compute_ms"] / row["torch_bn_ms"]
+        row["textbook_over_syncbn"] = row["textbook_ms"] / row["syncbn_ms"]
+        row["syncbn_minus_bn_plus_2ar_ms"] = (row["syncbn_ms"] - row["torch_bn_ms"]
+                                              - 2 * row["all_reduce_ms"])
+        merged.append(row)
+    return merged
+
+
+def layer_table(rows: list[dict]) -> str:
+    header = ["shape", "W", "torch BN ms", "syncbn ms", "syncbn/BN", "compute ms", "compute/BN",
+              "textbook ms", "textbook/syncbn", "fallback ms", "all_reduce us", "numbers"]
+    body = []
+    for r in rows:
+        fb = r.get("syncbn_fallback_ms")
+        body.append([r["shape"], str(r["world_size"]), f"{r['torch_bn_ms']:.3f}",
+                     f"{r['syncbn_ms']:.3f}", f"{r['syncbn_over_bn']:.2f}",
+                     f"{r['syncbn_compute_ms']:.3f}", f"{r['compute_over_bn']:.2f}",
+                     f"{r['textbook_ms']:.3f}", f"{r['textbook_over_syncbn']:.2f}",
+                     "-" if fb is None else f"{fb:.3f}", f"{r['all_reduce_ms'] * 1e3:.1f}",
+                     str(r["buffer_numbers"])])
+    return _table(header, body)
+
+
+def e2e_tables(e2e: dict[str, Any]) -> tuple[str, str]:
+    bn, sb = e2e["torch_bn"], e2e["syncbn"]
+    t_bn = max(r["step_median_ms"] for r in bn)
+    t_sb = max(r["step_median_ms"] for r in sb)
+    step = _table(["network", "input/rank", "W", "BN step ms", "syncbn step ms", "syncbn/BN",
+                   "BN per rank ms", "syncbn per rank ms"],
+                  [[e2e["network"], e2e["input"], str(len(bn)), f"{t_bn:.1f}", f"{t_sb:.1f}",
+                    f"{t_sb / t_bn:.3f}", " ".join(f"{r['step_median_ms']:.1f}" for r in bn),
+                    " ".join(f"{r['step_median_ms']:.1f}" for r in sb)]])
+    mib = 2**20
+    rows = []
+    for r_bn, r_sb in zip(bn, sb):
+        rows.append([str(r_bn["rank"]), f"{r_bn['peak_growth_bytes'] / mib:.1f}",
+                     f"{r_sb['peak_growth_bytes'] / mib:.1f}",
+                     f"{r_sb['peak_growth_bytes'] / max(r_bn['peak_growth_bytes'], 1):.3f}",
+                     f"{r_bn['peak_bytes'] / mib:.1f}", f"{r_sb['peak_bytes'] / mib:.1f}"])
+    mem = _table(["rank", "BN growth MiB", "syncbn growth MiB", "syncbn/BN", "BN peak MiB",
+                  "syncbn peak MiB"], rows)
+    return step, mem
+
+
+def run(args: argparse.Namespace) -> int:
+    quick = args.quick
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("syncbn bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    e2e_input = args.e2e_input or _parse_shape("2x3x32x32" if quick else "2x3x64x64")
+    if len(e2e_input["shape"]) != 4 or e2e_input["layout"] != "contiguous":
+        print("syncbn bench: --e2e-input must be NxCxHxW", file=sys.stderr)
+        return 2
+    opts = {
+        "threads": args.threads, "device": device,
+        "shapes": args.shapes or _shape_list(QUICK_SHAPES if quick else FULL_SHAPES),
+        "iters": args.iters or (10 if quick else 100), "warmup": args.warmup or (2 if quick else 10),
+        "timeout": args.timeout, "e2e_input": e2e_input["shape"],
+        "e2e_width": 32 if quick else 64, "e2e_steps": args.e2e_steps or (5 if quick else 30),
+    }
+    out_dir = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "command": " ".join(["python -m syncbn" if sys.argv[0].endswith("__main__.py")
+                             else Path(sys.argv[0]).name] + sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
+        "device": device, "threads": args.threads, "quick": quick,
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()
+                    if k != "shapes"} | {"shapes": [s["name"] for s in opts["shapes"]]},
+    }
+    t_start = time.monotonic()
+    print(f"syncbn bench: torch {torch.__version__}, {device}, {os.cpu_count()} CPUs, "
+          f"{args.threads} thread(s) per rank{', quick' if quick else ''}", flush=True)
+    try:
+        if not args.no_layers:
+            rows: list[dict] = []
+            for world in args.world_sizes:
+                print(f"per layer, W={world} ...", file=sys.stderr, flush=True)
+                rows += _merge_layer_rows(_launch(world, "layers", opts))
+            report["layers"] = rows
+            print("\n1. Per layer: forward + backward, median ms (slowest rank); compute = syncbn - "
+                  "2 x all_reduce;\n   W=1: syncbn = its synchronized Function over a 1-rank group, "
+                  "fallback = the module (plain BN)\n")
+            print(layer_table(rows), flush=True)
+        if not args.no_e2e:
+            e2e: dict[str, Any] = {"network": f"resnet18-style width {opts['e2e_width']}",
+                                   "input": "x".join(map(str, opts["e2e_input"])),
+                                   "steps": opts["e2e_steps"], "warmup": opts["warmup"]}
+            for contender in ("torch_bn", "syncbn"):
+                print(f"end to end, {contender} ...", file=sys.stderr, flush=True)
+                results = _launch(2, "e2e", opts | {"contender": contender})
+                e2e[contender] = [r["e2e"] for r in results]
+            t_bn = max(r["step_median_ms"] for r in e2e["torch_bn"])
+            t_sb = max(r["step_median_ms"] for r in e2e["syncbn"])
+            e2e["step_ratio"] = t_sb / t_bn
+            e2e["memory_ratio_per_rank"] = [
+                s["peak_growth_bytes"] / max(b["peak_growth_bytes"], 1)
+                for b, s in zip(e2e["torch_bn"], e2e["syncbn"])]
+            report["e2e"] = e2e
+            step, mem = e2e_tables(e2e)
+            print("\n2. End to end: training step (forward, backward, SGD), DDP, median ms per "
+                  "rank\n")
+            print(step)
+            method = e2e["syncbn"][0]["method"]
+            print(f"\n3. Memory per rank over the steps ({method})\n")
+            print(mem, flush=True)
+    except _Failure as e:
+        print(f"syncbn bench: {e}", file=sys.stderr)
+        return 1
+    report["wall_s"] = time.monotonic() - t_start
+    path = out_dir / "syncbn-bench.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``syncbn bench`` as a standalone program (``benchmarks/bench.py``)."""
+    parser = argparse.ArgumentParser(prog="bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.run(args) or 0)
