@@ -69,6 +69,8 @@ from typing import Any, Callable
 
 import torch
 
+from ._spawn import SpawnFailure, run_spawned
+
 FULL_SHAPES = ("2x64x56x56,2x128x28x28,2x256x14x14,2x512x7x7,2x2048x7x7,"
                "8x64x56x56,8x128x28x28,8x256x14x14,8x512x7x7,8x2048x7x7,64x1024,cl:2x64x56x56")
 QUICK_SHAPES = "2x64x56x56,2x128x28x28,2x256x14x14,2x512x7x7,2x2048x7x7,64x1024,cl:2x64x56x56"
@@ -404,32 +406,13 @@ def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: s
 
 def _launch(world: int, task: str, opts: dict[str, Any]) -> list[dict]:
     """Run ``task`` on ``world`` spawned ranks; every rank's result."""
-    import torch.multiprocessing as tmp
-
     with tempfile.TemporaryDirectory(prefix="syncbn-bench-") as tmpdir:
         result_path = os.path.join(tmpdir, "result")
-        ctx = tmp.start_processes(
-            _rank_main, args=(world, os.path.join(tmpdir, "store"), result_path, task, opts),
-            nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + opts["timeout"]
         try:
-            while not ctx.join(timeout=1.0, grace_period=5.0):
-                if time.monotonic() > deadline:
-                    raise _Failure(f"{task} on {world} ranks did not finish within --timeout "
-                                   f"{opts['timeout']:g} s; stopped them")
-        except tmp.ProcessRaisedException as e:
-            raise _Failure(f"rank {e.error_index} failed ({task}, W={world}):{e}") from None
-        except tmp.ProcessExitedException as e:
-            raise _Failure(f"rank {e.error_index} died ({task}, W={world}): {e}") from None
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            for p in ctx.processes:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+            run_spawned(_rank_main, (world, os.path.join(tmpdir, "store"), result_path, task, opts),
+                        world, opts["timeout"], f"--timeout {opts['timeout']:g} s")
+        except SpawnFailure as e:
+            raise _Failure(f"{task} on {world} ranks: {e}") from None
         return [torch.load(f"{result_path}.{r}", weights_only=False) for r in range(world)]
 
 
