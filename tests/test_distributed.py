@@ -104,8 +104,8 @@ def test_one_collective_per_pass(tmp_path):
     out = harness.run(workers.uses_one_collective, 3, tmp_path, {"channels": 5, "sizes": [2, 0, 3]},
                       fresh=True)  # fresh processes: no wider layer was built before
     # payload 2C + 1 (forward) or 2C (backward), padded to the widest layer (at least 64 channels:
-    # 2 * 64 + 1), plus the header: two sentinels and (f, f^2) for 5 fields
-    length = 2 * 64 + 1 + 2 + 2 * 5
+    # 2 * 64 + 1), plus the header: two sentinels and (f, f^2) for 6 fields
+    length = 2 * 64 + 1 + 2 + 2 * 6
     for rank, calls in enumerate(out):
         assert calls["forward"] == [("all_reduce", length, torch.float64)], (rank, calls)
         assert calls["backward"] == [("all_reduce", length, torch.float64)], (rank, calls)

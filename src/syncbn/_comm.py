@@ -54,7 +54,8 @@ log = logging.getLogger("syncbn")
 FORWARD, BACKWARD = 1, 2
 _DIRECTIONS = {FORWARD: "forward", BACKWARD: "backward"}
 _FIELD_LIMIT = 2**20  # fields are integers below this: f**2 * W stays exact in float64
-_FIELDS = ("ones", "layer", "pass", "channels", "direction")
+# The layer key is 32 bits, sent as two 16-bit fields: two layers collide with odds of 2**-32.
+_FIELDS = ("ones", "layer", "layer-high", "pass", "channels", "direction")
 _MIN_WIDTH = 64  # channels every buffer is padded to at least
 _widest = _MIN_WIDTH
 _keys: dict[int, str] = {}  # layer key -> description, to name the layer another rank was at
@@ -82,8 +83,7 @@ class LayerTag:
     def for_layer(name: str | None, index: int, description: str) -> LayerTag:
         """Key from the qualified name when known (robust to extra layers built on one rank),
         else from the creation index (identical when every rank builds the same model)."""
-        raw = zlib.crc32(name.encode()) if name else index
-        key = raw % (_FIELD_LIMIT - 1) + 1
+        key = (zlib.crc32(name.encode()) if name else index) % 2**32 or 1
         _keys.setdefault(key, description)
         return LayerTag(key, description)
 
@@ -147,7 +147,8 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
         check_pending()
     world = group_size(process_group)
     count = tag.forward if direction == FORWARD else tag.backward
-    fields = [1, tag.key, count % _FIELD_LIMIT, channels % _FIELD_LIMIT, direction]
+    fields = [1, tag.key & 0xFFFF, tag.key >> 16, count % _FIELD_LIMIT, channels % _FIELD_LIMIT,
+              direction]
     if debug_level():
         _debug_gather(payload, tag, direction, channels, count, process_group, shape)
     width = max(_widest, channels)
@@ -211,15 +212,21 @@ def _verify(checks: Tensor, fields: list[int], world: int, tag: LayerTag, direct
             f"the buffer came back partly unreduced (sentinels {first:g} and {last:g}, expected "
             f"{world}): the ranks' buffers differ in length, i.e. this rank met a different "
             "collective (not a syncbn layer of this process's kind)")
-    for i, (name, own) in enumerate(zip(_FIELDS, fields)):
-        total, total_sq = pairs[2 * i], pairs[2 * i + 1]
-        if total == world * own and total_sq == world * own * own:
+    differ = {name: pairs[2 * i] for i, (name, own) in enumerate(zip(_FIELDS, fields))
+              if not (pairs[2 * i] == world * own and pairs[2 * i + 1] == world * own * own)}
+    if "layer" in differ or "layer-high" in differ:
+        if world == 2:  # the other rank's key, from the sums
+            lo, hi = (int(differ.get(n, 2 * own)) - own for n, own in zip(_FIELDS[1:3], fields[1:3]))
+            problems.append(f"the other rank was at {_describe_key(lo + (hi << 16))}")
+        else:
+            problems.append("the ranks are at different layers")
+    for name, own in zip(_FIELDS, fields):
+        if name not in differ or name in ("layer", "layer-high"):
             continue
+        total = differ[name]
         if world == 2:
             other = total - own
-            if name == "layer":
-                problems.append(f"the other rank was at {_describe_key(int(other))}")
-            elif name == "direction":
+            if name == "direction":
                 problems.append(f"the other rank was in a {_DIRECTIONS.get(int(other), '?')} pass")
             else:
                 problems.append(f"{name}: this rank {own}, the other rank {other:g}")

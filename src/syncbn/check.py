@@ -22,7 +22,7 @@ computed on its CPU:
 Each error is ``max |syncbn - reference| / max(1, max |reference|)``; the tolerance is 1e-10 for
 float64 and 1e-5 for float32. Then it times, on the same devices, the forward collective alone
 (an ``all_reduce`` of as many float64 as syncbn sends: ``2C + 1`` padded to the widest layer,
-at least 64 channels, plus a 12-number header) and one layer's forward +
+at least 64 channels, plus a 14-number header) and one layer's forward +
 backward on the rank's shard (both including their collectives; medians over ``--iters``).
 
 Output: one line per rank (rank, host, device, backend, shard size, the largest errors, PASS or
