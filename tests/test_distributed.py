@@ -229,3 +229,10 @@ def test_nonfinite_policies(tmp_path, policy):
             assert "non-finite values (NaN or Inf) in the global batch statistics of SyncBatchNorm1d(2)" in e, e
     else:
         assert errors == ["", ""]
+
+
+def test_gradients_at_large_mean_over_std_float32(tmp_path):
+    """mean/std = 1e3 in float32: grad_input as accurate as torch's own float32 BatchNorm."""
+    out = harness.run(workers.large_mean_gradients, 2, tmp_path,
+                      {"sizes": [6, 10], "tail": (3, 4, 4), "mean": 10.0, "std": 0.01})
+    print("grad_input max error, syncbn vs torch float32:", out[0])

@@ -412,3 +412,26 @@ def fuzz_case(rank: int, world_size: int, cfg: dict[str, Any]) -> tuple[str, str
         return "ok", ""
     except (ValueError, RuntimeError) as e:
         return type(e).__name__, str(e)
+
+
+def large_mean_gradients(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, float]:
+    """float32 data with mean/std = cfg["mean"]: syncbn's output and grad_input errors (against
+    float64 on the global batch) must be no worse than torch's own float32 BatchNorm's on the
+    concatenated batch: no cancellation beyond what float32 data forces on everyone."""
+    sizes, tail = cfg["sizes"], tuple(cfg["tail"])
+    shards, _ = make_data(sizes, tail, torch.float32, 3, mean=cfg["mean"], std=cfg["std"])
+    # upstream gradients correlated with x (as from a loss like y**2): sum(dy * xhat) is large,
+    # which is where a folded x * b + c form of grad_input cancels
+    grads = [((s.double() - cfg["mean"]) / cfg["std"]).float() for s in shards]
+    ref = reference_steps(shards, grads, None, None, 1, 0.1, 1e-5, True)[0]
+    layer = syncbn.SyncBatchNorm2d(tail[0], affine=False)
+    x = shards[rank].clone().requires_grad_()
+    y = layer(x)
+    y.backward(grads[rank])
+    whole = torch.cat(shards).clone().requires_grad_()
+    torch.nn.functional.batch_norm(whole, None, None, training=True).backward(torch.cat(grads))
+    torch_dx = whole.grad.split(sizes)[rank]
+    ours = (x.grad.double() - ref["dx"][rank]).abs().max().item()
+    theirs = (torch_dx.double() - ref["dx"][rank]).abs().max().item()
+    assert ours <= 2 * theirs, f"grad_input error {ours:.3g} vs torch float32 {theirs:.3g}"
+    return {"ours": ours, "torch": theirs}
