@@ -105,11 +105,8 @@ class SyncBatchNorm(_BatchNorm):
         self._tag = self._make_tag()
 
     def _make_tag(self) -> _comm.LayerTag:
-        return _comm.LayerTag.for_layer(self._name, self._creation_index, self.layer_description())
-
-    def _sync_tag(self) -> _comm.LayerTag:
         """The layer's identity and pass counters in the collective's header."""
-        return self._tag
+        return _comm.LayerTag.for_layer(self._name, self._creation_index, self.layer_description())
 
     def layer_description(self) -> str:
         """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``."""
@@ -149,7 +146,7 @@ class SyncBatchNorm(_BatchNorm):
             factor,
             self.eps,
             self.process_group,
-            _tag=self._sync_tag(),
+            _tag=self._tag,
         )
 
 
