@@ -27,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 PG_TIMEOUT_S = float(os.environ.get("SYNCBN_TEST_PG_TIMEOUT", "60"))
+# SYNCBN_KERNEL in the ranks (fused C kernel or plain ATen path): tests set it per call, or for a
+# whole module through the ``kernel`` fixture (conftest.py), which sets this default.
+KERNEL = "auto"
 
 
 def _serve(rank: int, tasks: Any, results: Any) -> None:
@@ -39,8 +42,10 @@ def _serve(rank: int, tasks: Any, results: Any) -> None:
 
 
 def _child(rank: int, world_size: int, store_path: str, backend: str, device: str,
-           worker: Callable[..., Any], args: tuple, pg_timeout: float, results: Any) -> None:
+           worker: Callable[..., Any], args: tuple, pg_timeout: float, kernel: str,
+           results: Any) -> None:
     torch.set_num_threads(1)
+    os.environ["SYNCBN_KERNEL"] = kernel
     try:
         if device == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -79,10 +84,14 @@ _pools: dict[int, _Pool] = {}
 
 def run(worker: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any,
         backend: str = "gloo", device: str = "cpu", timeout: float = 120.0,
-        pg_timeout: float = PG_TIMEOUT_S, fresh: bool = False) -> list[Any]:
-    """Run ``worker(rank, world_size, *args)`` on ``world_size`` ranks; their values by rank."""
+        pg_timeout: float = PG_TIMEOUT_S, fresh: bool = False,
+        kernel: str | None = None) -> list[Any]:
+    """Run ``worker(rank, world_size, *args)`` on ``world_size`` ranks; their values by rank.
+
+    ``kernel`` is ``SYNCBN_KERNEL`` in the ranks (default :data:`KERNEL`)."""
     store_path = str(tmp_path / f"store-{time.monotonic_ns()}")
-    task = (world_size, store_path, backend, device, worker, args, pg_timeout)
+    task = (world_size, store_path, backend, device, worker, args, pg_timeout,
+            kernel or KERNEL)
     if fresh:
         ctx = mp.get_context("spawn")
         results = ctx.Queue()

@@ -12,7 +12,9 @@ import torch
 import harness
 import workers
 
-pytestmark = pytest.mark.timeout(240)
+# Every test here runs twice: ranks on the fused C kernel and on the plain ATen path (the
+# ``kernel`` fixture, conftest.py); half-precision and CUDA inputs take the ATen path in both.
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("kernel")]
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 

@@ -79,6 +79,7 @@ def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]
                 layer.weight.copy_(weight)
                 layer.bias.copy_(bias)
     memory_format = cfg.get("memory_format")
+    fused = _count_fused_passes()
     for step in range(steps):
         x = shards[rank].to(device).clone()
         if memory_format is not None:
@@ -121,7 +122,37 @@ def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]
                 gathered = [torch.empty_like(t) for _ in members]
                 dist.all_gather(gathered, t, group=group)
                 assert all(torch.equal(g, t) for g in gathered), f"{where} {key} differs across ranks"
+    _check_path(fused, x, steps if len(members) > 1 else 0)
     return {"rank": rank, "ok": True}
+
+
+def _count_fused_passes() -> list[int]:
+    """Count the forwards that take the fused kernel (wraps it for the rest of this task)."""
+    from syncbn import _function
+
+    calls = [0]
+    original = getattr(_function._forward_fused, "__wrapped__", _function._forward_fused)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    counted.__wrapped__ = original  # type: ignore[attr-defined]
+    _function._forward_fused = counted
+    return calls
+
+
+def _check_path(fused: list[int], x: torch.Tensor, synced: int) -> None:
+    """Under SYNCBN_KERNEL=fused, the ``synced`` forwards of CPU float32/float64 input must have
+    taken the fused kernel; under aten, none."""
+    import os
+
+    kernel = os.environ.get("SYNCBN_KERNEL", "auto")
+    takes = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if kernel == "fused" and takes:
+        assert fused[0] == synced, f"fused kernel used in {fused[0]} of {synced} forwards"
+    if kernel == "aten" or not takes:
+        assert fused[0] == 0, f"fused kernel used in {fused[0]} forwards"
 
 
 def expect_error(rank: int, world_size: int, cfg: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "BACKWARD",
     "FORWARD",
     "LayerTag",
+    "all_reduce_buffer",
     "backend_name",
     "buffer_length",
     "check_pending",
@@ -45,8 +46,10 @@ __all__ = [
     "debug_level",
     "describe_group",
     "group_size",
+    "header_fields",
     "register_layer",
     "synced_sum",
+    "verify_buffer",
 ]
 
 log = logging.getLogger("syncbn")
@@ -135,6 +138,13 @@ _CAUSES = (
 )
 
 
+def header_fields(tag: LayerTag, direction: int, channels: int) -> list[int]:
+    """The integer fields of a pass's header: ones, layer key (low, high), pass, channels, direction."""
+    count = tag.forward if direction == FORWARD else tag.backward
+    return [1, tag.key & 0xFFFF, tag.key >> 16, count % _FIELD_LIMIT, channels % _FIELD_LIMIT,
+            direction]
+
+
 def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
                process_group: Any | None = None, shape: tuple[int, ...] = ()) -> Tensor:
     """Sum the float64 ``payload`` over the group in ONE all_reduce and return the summed payload.
@@ -143,16 +153,8 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
     length on every rank and for every syncbn layer of the process. ``shape`` (the input's) is
     only reported, in debug mode.
     """
-    if not compiling():
-        check_pending()
-    world = group_size(process_group)
-    count = tag.forward if direction == FORWARD else tag.backward
-    fields = [1, tag.key & 0xFFFF, tag.key >> 16, count % _FIELD_LIMIT, channels % _FIELD_LIMIT,
-              direction]
-    if debug_level():
-        _debug_gather(payload, tag, direction, channels, count, process_group, shape)
-    width = max(_widest, channels)
-    length = 2 * width + 1
+    fields = header_fields(tag, direction, channels)
+    length = 2 * max(_widest, channels) + 1
     head = torch.tensor([v for f in fields for v in (f, f * f)], dtype=torch.float64)
     if payload.device.type == "cuda":  # an asynchronous copy: the host does not wait
         head = head.pin_memory().to(payload.device, non_blocking=True)
@@ -161,6 +163,33 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
     one = payload.new_ones(1)
     buffer = torch.cat([one, payload, payload.new_zeros(length - payload.numel()), head, one])
     # 1, payload + padding, 2 * fields, 1 -> (2 * width + 2 * len(fields) + 3)
+    all_reduce_buffer(buffer, payload.numel(), tag, direction, channels, process_group, shape)
+    if compiling():
+        pass  # no host read inside a compiled graph: compiled code does not check the header
+    elif buffer.device.type != "cuda":
+        verify_buffer(buffer, fields, tag, direction, process_group)
+    else:
+        checks = torch.cat([buffer[:1], buffer[length + 1:]])
+        host = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
+        host.copy_(checks, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        count = tag.forward if direction == FORWARD else tag.backward
+        _pending.append((event, host, fields, tag, direction, count, process_group))
+    return buffer[1:1 + payload.numel()]
+
+
+def all_reduce_buffer(buffer: Tensor, payload_size: int, tag: LayerTag, direction: int,
+                      channels: int, process_group: Any | None = None,
+                      shape: tuple[int, ...] = ()) -> None:
+    """The one all_reduce (sum, in place) of a packed buffer of :func:`buffer_length` numbers
+    whose payload is ``buffer[1:1 + payload_size]``; errors are rewrapped naming the layer."""
+    if not compiling():
+        check_pending()
+    count = tag.forward if direction == FORWARD else tag.backward
+    if debug_level():
+        _debug_gather(buffer[1:1 + payload_size], tag, direction, channels, count,
+                      process_group, shape)
     try:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
     except RuntimeError as e:  # a timeout, a peer that exited, a backend error
@@ -172,19 +201,17 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
         ) from e
     if debug_level() >= 2:
         log.info("syncbn: %s %s pass #%d synced over %d ranks (%d numbers)",
-                 tag.description, _DIRECTIONS[direction], count, world, buffer.numel())
-    checks = torch.cat([buffer[:1], buffer[length + 1:]])
-    if compiling():
-        pass  # no host read inside a compiled graph: compiled code does not check the header
-    elif buffer.device.type != "cuda":
-        _verify(checks.cpu(), fields, world, tag, direction, count, process_group)
-    else:
-        host = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
-        host.copy_(checks, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        _pending.append((event, host, fields, tag, direction, count, process_group))
-    return buffer[1:1 + payload.numel()]
+                 tag.description, _DIRECTIONS[direction], count, group_size(process_group),
+                 buffer.numel())
+
+
+def verify_buffer(buffer: Tensor, fields: list[int], tag: LayerTag, direction: int,
+                  process_group: Any | None = None) -> None:
+    """Raise the out-of-step error if the reduced (host) buffer's header shows that the ranks
+    were not all at the same layer, pass and direction."""
+    checks = torch.cat([buffer[:1], buffer[-2 * len(_FIELDS) - 1:]])
+    count = tag.forward if direction == FORWARD else tag.backward
+    _verify(checks, fields, group_size(process_group), tag, direction, count, process_group)
 
 
 def compiling() -> bool:

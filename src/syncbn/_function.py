@@ -2,6 +2,10 @@
 
 forward:  local moments -> one all_reduce (2C + 1 float64, + header) -> global mean/var -> normalize
 backward: local sum(dy), sum(dy * xhat) -> one all_reduce (2C float64, + header) -> grad_input
+
+Two implementations of the same steps: the fused C kernel (``_kernel.py``: CPU float32/float64
+input, contiguous or channels_last) and torch operators (``_stats.py``: everything else, GPU
+included). ``SYNCBN_KERNEL=aten`` forces the second.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _comm, _stats
+from . import _comm, _kernel, _stats
 
 __all__ = ["SyncBatchNormFunction", "nonfinite_policy"]
 
@@ -54,6 +58,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
         process_group: Any | None,
         tag: _comm.LayerTag,
     ) -> Tensor:
+        if not _comm.compiling():  # compiled graphs trace torch operators: the ATen path
+            geom = _kernel.geometry(input)
+            if geom is not None and _kernel.takes_params(weight, bias, running_mean, running_var):
+                lib = _kernel.get()
+                if lib is not None:
+                    return _forward_fused(ctx, lib, geom, input, weight, bias, running_mean,
+                                          running_var, eps, momentum, process_group, tag)
+        ctx.fused = None
         channels = input.shape[1]
         n_local = _stats.local_count(input)
         # Every rank calls the collective, even with an empty shard; counts travel with the sums.
@@ -70,20 +82,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if n_local <= 1:
             total = int(count.item())
             if total == 1:
-                raise ValueError(
-                    "Expected more than 1 value per channel when training, got input size "
-                    f"{input.size()} on {_comm.describe_group(process_group)} and 1 value per "
-                    "channel in the global batch"
-                )
+                raise _one_value_error(input, process_group)
             if total == 0:  # nothing to normalize and nothing to learn from
                 update = False
         policy = nonfinite_policy()
         if policy == "raise" and not bool(torch.isfinite(moments).all()):  # a device sync on GPU
-            raise RuntimeError(
-                f"syncbn: non-finite values (NaN or Inf) in the global batch statistics of "
-                f"{tag.description}, forward pass #{tag.forward} (SYNCBN_NONFINITE=raise), raised on "
-                "every rank. Run with SYNCBN_DEBUG=1 to see which rank's data produced them."
-            )
+            raise _nonfinite_error(tag)
         if update:
             _stats.update_running_stats(running_mean, running_var, mean, var, count, momentum,
                                         keep_nonfinite=policy != "skip")
@@ -102,6 +106,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.fused is not None:
+            return _backward_fused(ctx, grad_output)
         input, weight, mean, invstd, count = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         sum_dy, sum_dy_xhat = _stats.backward_reduce(grad_output, input, mean, invstd)
@@ -121,3 +127,108 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 packed[:channels], packed[channels:], count,
             )
         return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _nonfinite_error(tag: _comm.LayerTag) -> RuntimeError:
+    return RuntimeError(
+        f"syncbn: non-finite values (NaN or Inf) in the global batch statistics of "
+        f"{tag.description}, forward pass #{tag.forward} (SYNCBN_NONFINITE=raise), raised on "
+        "every rank. Run with SYNCBN_DEBUG=1 to see which rank's data produced them."
+    )
+
+
+def _one_value_error(input: Tensor, process_group: Any | None) -> ValueError:
+    return ValueError(
+        "Expected more than 1 value per channel when training, got input size "
+        f"{input.size()} on {_comm.describe_group(process_group)} and 1 value per "
+        "channel in the global batch"
+    )
+
+
+_POLICY_CODES = {"propagate": 0, "skip": 1, "raise": 2}
+
+
+def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: Tensor,
+                   weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                   running_var: Tensor | None, eps: float, momentum: float,
+                   process_group: Any | None, tag: _comm.LayerTag) -> Tensor:
+    """The forward in the fused kernel: the same steps as the ATen path, one C call each."""
+    n, channels, s, nsc = geom
+    sfx = _kernel.suffix(input.dtype)
+    threads = torch.get_num_threads()
+    tag.forward += 1
+    fields = _comm.header_fields(tag, _comm.FORWARD, channels)
+    length = _comm.buffer_length(channels)
+    buffer = torch.empty(length, dtype=torch.float64)
+    # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> buffer_length(C)
+    if getattr(lib, f"syncbn_forward_reduce_{sfx}")(
+            input.data_ptr(), n, channels, s, nsc, threads, buffer.data_ptr(), length, *fields):
+        raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
+    _comm.all_reduce_buffer(buffer, 2 * channels + 1, tag, _comm.FORWARD, channels,
+                            process_group, tuple(input.shape))
+    mean = torch.empty(channels, dtype=torch.float64)
+    invstd = torch.empty(channels, dtype=torch.float64)
+    # Header check, global mean/invstd and (when the global count is >= 2) the running
+    # statistics, in float64 from the identical reduced buffer: bitwise equal on every rank.
+    count = lib.syncbn_forward_finish(
+        buffer.data_ptr(), length, channels, float(_comm.group_size(process_group)), *fields,
+        eps, momentum, _kernel.ptr(running_mean), _kernel.dtype_code(running_mean),
+        _kernel.ptr(running_var), _kernel.dtype_code(running_var),
+        _POLICY_CODES[nonfinite_policy()], mean.data_ptr(), invstd.data_ptr())
+    if count == -2.0:
+        _comm.verify_buffer(buffer, fields, tag, _comm.FORWARD, process_group)  # raises
+    if count == -1.0:
+        raise _nonfinite_error(tag)
+    if count == 1.0:  # every rank reads the same count: all of them raise together
+        raise _one_value_error(input, process_group)
+    out = torch.empty_like(input)
+    if getattr(lib, f"syncbn_normalize_{sfx}")(
+            input.data_ptr(), out.data_ptr(), n, channels, s, nsc, threads, mean.data_ptr(),
+            invstd.data_ptr(), _kernel.ptr(weight), _kernel.dtype_code(weight), _kernel.ptr(bias),
+            _kernel.dtype_code(bias)):
+        raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
+    ctx.save_for_backward(input, weight, mean, invstd)
+    ctx.fused = (lib, geom, count)
+    ctx.process_group = process_group
+    ctx.tag = tag
+    ctx.bias_dtype = bias.dtype if bias is not None else input.dtype
+    return out
+
+
+def _backward_fused(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """The backward in the fused kernel (see :meth:`SyncBatchNormFunction.backward`)."""
+    input, weight, mean, invstd = ctx.saved_tensors
+    lib, (n, channels, s, nsc), count = ctx.fused
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    sfx = _kernel.suffix(input.dtype)
+    threads = torch.get_num_threads()
+    tag = ctx.tag
+    dy = grad_output.to(input.dtype).contiguous(memory_format=_kernel.layout_of(input, nsc))
+    grad_weight = torch.empty(channels, dtype=weight.dtype) if need_weight else None
+    grad_bias = torch.empty(channels, dtype=ctx.bias_dtype) if need_bias else None
+    fields, length, buffer, grad_in = [0] * 6, 0, None, None
+    if need_input:
+        tag.backward += 1
+        fields = _comm.header_fields(tag, _comm.BACKWARD, channels)
+        length = _comm.buffer_length(channels)
+        buffer = torch.empty(length, dtype=torch.float64)
+    # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> buffer_length(C); and the local
+    # weight/bias gradients (this rank's share: DDP or the user sums them over ranks)
+    if getattr(lib, f"syncbn_backward_reduce_{sfx}")(
+            dy.data_ptr(), input.data_ptr(), n, channels, s, nsc, threads, mean.data_ptr(),
+            invstd.data_ptr(), _kernel.ptr(buffer), length, *fields, _kernel.ptr(grad_weight),
+            _kernel.dtype_code(grad_weight), _kernel.ptr(grad_bias), _kernel.dtype_code(grad_bias)):
+        raise MemoryError(f"syncbn: {tag.description}: out of memory in the backward")
+    if buffer is not None:
+        _comm.all_reduce_buffer(buffer, 2 * channels, tag, _comm.BACKWARD, channels,
+                                ctx.process_group, tuple(input.shape))
+        if not lib.syncbn_backward_check(buffer.data_ptr(), length,
+                                         float(_comm.group_size(ctx.process_group)), *fields):
+            _comm.verify_buffer(buffer, fields, tag, _comm.BACKWARD, ctx.process_group)
+        grad_in = torch.empty_like(input)
+        if getattr(lib, f"syncbn_backward_input_{sfx}")(
+                dy.data_ptr(), input.data_ptr(), grad_in.data_ptr(), n, channels, s, nsc, threads,
+                mean.data_ptr(), invstd.data_ptr(), _kernel.ptr(weight),
+                _kernel.dtype_code(weight), buffer.data_ptr() + 8, count):
+            raise MemoryError(f"syncbn: {tag.description}: out of memory in the backward")
+    return grad_in, grad_weight, grad_bias, None, None, None, None, None, None

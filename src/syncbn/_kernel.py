@@ -1,0 +1,255 @@
+"""The fused CPU kernel (``csrc/kernel.c``): built on first use, cached, loaded with ctypes.
+
+syncbn's synchronized pass has two implementations with the same results up to float rounding:
+
+* **fused** (CPU, float32/float64, contiguous or channels_last): one C pass over the data per
+  step (statistics, normalize, backward reductions, grad_input), with the per-channel math, the
+  collective's header and the running statistics done in C as well. No torch headers: the
+  ~600-line C file builds with the system C compiler in a few seconds, once per machine, into a
+  cache directory, and is called through ``ctypes``.
+* **aten** (everything else, GPU included): torch operators only (``_stats.py``).
+
+``SYNCBN_KERNEL`` picks: ``auto`` (default: fused where it applies and builds, else aten, with
+one warning saying why), ``fused`` (fused where it applies; an error if it cannot be built) or
+``aten`` (never fused). The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
+``~/.cache/syncbn``; the compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with
+``-O3 -march=native -fopenmp`` (retried without ``-march=native``, then without OpenMP, if the
+compiler refuses them). The library file's name is a hash of the sources, flags, compiler
+version and CPU, so a cache shared by different machines keeps one build per kind of machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["KernelUnavailable", "build_info", "dtype_code", "get", "mode"]
+
+log = logging.getLogger("syncbn")
+
+MODES = ("auto", "fused", "aten")
+_SOURCES = ("kernel.c", "kernel_body.h")
+_VERSION = 1  # must match syncbn_kernel_version() in kernel.c
+_BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+_OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
+_lock = threading.Lock()
+_state: dict[str, Any] = {"tried": False, "lib": None, "error": None, "seconds": None,
+                          "path": None, "compiled": False, "flags": None}
+
+i64, c_int, c_double, c_void_p = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+_FIELDS6 = [i64] * 6
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "syncbn_kernel_version": (c_int, []),
+    "syncbn_forward_finish": (c_double, [c_void_p, i64, i64, c_double, *_FIELDS6, c_double,
+                                         c_double, c_void_p, c_int, c_void_p, c_int, c_int,
+                                         c_void_p, c_void_p]),
+    "syncbn_backward_check": (c_int, [c_void_p, i64, c_double, *_FIELDS6]),
+}
+for _sfx in ("f32", "f64"):
+    _SIGNATURES.update({
+        f"syncbn_forward_reduce_{_sfx}": (c_int, [c_void_p, i64, i64, i64, c_int, c_int, c_void_p,
+                                                  i64, *_FIELDS6]),
+        f"syncbn_normalize_{_sfx}": (c_int, [c_void_p, c_void_p, i64, i64, i64, c_int, c_int,
+                                             c_void_p, c_void_p, c_void_p, c_int, c_void_p,
+                                             c_int]),
+        f"syncbn_backward_reduce_{_sfx}": (c_int, [c_void_p, c_void_p, i64, i64, i64, c_int,
+                                                   c_int, c_void_p, c_void_p, c_void_p, i64,
+                                                   *_FIELDS6, c_void_p, c_int, c_void_p, c_int]),
+        f"syncbn_backward_input_{_sfx}": (c_int, [c_void_p, c_void_p, c_void_p, i64, i64, i64,
+                                                  c_int, c_int, c_void_p, c_void_p, c_void_p,
+                                                  c_int, c_void_p, c_double]),
+    })
+
+
+class KernelUnavailable(RuntimeError):
+    """``SYNCBN_KERNEL=fused`` was asked for, but the kernel cannot be built or loaded."""
+
+
+def mode() -> str:
+    """``SYNCBN_KERNEL``: ``auto`` (default), ``fused`` or ``aten``."""
+    value = os.environ.get("SYNCBN_KERNEL", "auto") or "auto"
+    if value not in MODES:
+        raise ValueError(f"SYNCBN_KERNEL: expected one of {MODES}, got {value!r}")
+    return value
+
+
+def dtype_code(t: torch.Tensor | None) -> int:
+    """The kernel's code for a per-channel tensor's dtype: 0 absent, 1 float32, 2 float64."""
+    if t is None:
+        return 0
+    return 1 if t.dtype == torch.float32 else 2
+
+
+def get() -> Any | None:
+    """The loaded kernel library (a ``ctypes.CDLL``), or ``None`` for the ATen path.
+
+    Builds it on first use (a few seconds, once per machine: the result is cached). Raises
+    :class:`KernelUnavailable` under ``SYNCBN_KERNEL=fused`` when it cannot be had.
+    """
+    m = mode()
+    if m == "aten":
+        return None
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _load()
+    if _state["lib"] is None and m == "fused":
+        raise KernelUnavailable(f"syncbn: SYNCBN_KERNEL=fused, but {_state['error']}")
+    return _state["lib"]
+
+
+def build_info() -> dict[str, Any]:
+    """What :func:`get` did: ``available``, ``path``, ``compiled`` (this process built it, else it
+    came from the cache), ``seconds`` (build or load time), ``flags``, ``error``."""
+    return {"available": _state["lib"] is not None, "path": _state["path"],
+            "compiled": _state["compiled"], "seconds": _state["seconds"],
+            "flags": _state["flags"], "error": _state["error"]}
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("SYNCBN_CACHE_DIR"):
+        return Path(os.environ["SYNCBN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "syncbn"
+
+
+def _compiler() -> str | None:
+    if os.environ.get("CC"):
+        return os.environ["CC"]
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _load() -> None:
+    start = time.perf_counter()
+    try:
+        _state["lib"] = _build_and_load()
+    except Exception as e:  # noqa: BLE001 - no compiler, a compile error, an unwritable cache
+        _state["error"] = f"the fused CPU kernel is unavailable ({type(e).__name__}: {e})"
+        if mode() == "auto":
+            warnings.warn(f"syncbn: {_state['error']}; using the plain ATen path "
+                          "(same results, slower). Set SYNCBN_KERNEL=aten to silence this.",
+                          RuntimeWarning, stacklevel=4)
+    finally:
+        _state["seconds"] = time.perf_counter() - start
+        _state["tried"] = True
+    if _state["lib"] is not None:
+        log.info("syncbn: fused CPU kernel %s from %s in %.2f s",
+                 "built" if _state["compiled"] else "loaded", _state["path"], _state["seconds"])
+
+
+def _build_and_load() -> Any:
+    here = Path(__file__).with_name("csrc")
+    sources = b"".join((here / name).read_bytes() for name in _SOURCES)
+    cc = _compiler()
+    if cc is None:
+        raise FileNotFoundError("no C compiler found (set CC, or install cc/gcc/clang)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60,
+                             check=False).stdout
+    cache = _cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for optional in _OPTIONAL_FLAGS:
+        flags = (*_BASE_FLAGS, *optional)
+        key = hashlib.sha256(b"\0".join([sources, " ".join(flags).encode(), version.encode(),
+                                         _cpu_id().encode(), platform.machine().encode()]))
+        path = cache / f"kernel-{key.hexdigest()[:20]}.so"
+        if not path.exists():
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                out = Path(tmp) / path.name
+                cmd = [cc, *flags, "-o", str(out), str(here / "kernel.c")]
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+                if proc.returncode != 0:
+                    errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}")
+                    continue
+                os.replace(out, path)  # atomic: ranks building at once all get a whole file
+                _state["compiled"] = True
+        lib = ctypes.CDLL(str(path))
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        if lib.syncbn_kernel_version() != _VERSION:
+            raise RuntimeError(f"{path}: kernel version {lib.syncbn_kernel_version()}, expected "
+                               f"{_VERSION}")
+        _state["path"], _state["flags"] = str(path), " ".join(flags)
+        return lib
+    raise RuntimeError("the compiler refused every set of flags: " + " | ".join(errors))
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+_DTYPES = (torch.float32, torch.float64)
+
+
+def geometry(input: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(N, C, S, nsc)`` when the kernel takes this CPU input as it lies in memory, else None.
+
+    ``S`` is the product of the dims after the channel dim; ``nsc`` is 1 when channels are the
+    innermost dim (channels_last, or ``(N, C)`` input), 0 for torch's default ``(N, C, S)`` order.
+    """
+    if (type(input) is not torch.Tensor and type(input) is not torch.nn.Parameter) or (
+            input.device.type != "cpu" or input.dtype not in _DTYPES):
+        return None
+    shape = input.shape
+    n, c = shape[0], shape[1]
+    s = 1
+    for d in shape[2:]:
+        s *= d
+    if c == 0:
+        return None
+    if input.is_contiguous():
+        return n, c, s, int(s == 1)
+    fmt = _CHANNELS_LAST.get(input.dim())
+    if fmt is not None and input.is_contiguous(memory_format=fmt):
+        return n, c, s, 1
+    return None
+
+
+def layout_of(input: torch.Tensor, nsc: int) -> torch.memory_format:
+    """The memory format a tensor must have to be read like ``input`` (for ``grad_output``)."""
+    if nsc and input.dim() in _CHANNELS_LAST and not input.is_contiguous():
+        return _CHANNELS_LAST[input.dim()]
+    return torch.contiguous_format
+
+
+def takes_params(*tensors: torch.Tensor | None) -> bool:
+    """True when every per-channel tensor is absent or a contiguous float32/float64 CPU tensor."""
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or t.dtype not in _DTYPES
+                              or not t.is_contiguous()):
+            return False
+    return True
+
+
+def suffix(dtype: torch.dtype) -> str:
+    """The kernels' name suffix for a data dtype."""
+    return "f32" if dtype == torch.float32 else "f64"
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """Address of a tensor's data (``None`` for an absent tensor, a NULL pointer in C)."""
+    return None if t is None else t.data_ptr()

@@ -1,0 +1,153 @@
+/* syncbn's fused CPU kernels: the full-size passes of synchronized batch norm, one pass each.
+ *
+ * Built on first use by syncbn/_kernel.py (cc -O3 -march=native -fopenmp, cached) and called
+ * through ctypes; there is no dependency on torch's headers. When it cannot be built, syncbn uses
+ * its plain ATen path (identical results up to float rounding).
+ *
+ * The input is seen as (N, C, S) in one of two contiguous layouts:
+ *   NCS  x[(n*C + c)*S + s]   (torch's default contiguous format, S = H*W*...)
+ *   NSC  x[(n*S + s)*C + c]   (channels_last, and (N, C) input, i.e. S == 1)
+ * Statistics are per channel c over the N*S values. Per-channel vectors (mean, invstd, the
+ * collective's buffer) are float64; weight, bias and running statistics are float32 or float64
+ * (dtype codes below) or absent (NULL).
+ *
+ * Numerics: every block of at most BLOCK values (per channel) is summed twice in its own dtype,
+ * first for a shift k (its mean), then the shifted sums s1 = sum(x - k), s2 = sum((x - k)^2), while
+ * the block is in cache; blocks are merged in float64 with Chan's parallel formula, so the
+ * result is accurate whatever mean/std is. The forward sends raw moments
+ * sum(x) = n*mean and sum(x^2) = M2 + n*mean^2 in float64, as the ATen path does.
+ *
+ * The collective's buffer (len numbers, float64) is
+ *   [1 | payload, zero-padded | (f, f*f) for each of the NFIELDS header fields | 1]
+ * exactly as syncbn/_comm.py packs and checks it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef int64_t i64;
+
+enum { DT_NONE = 0, DT_F32 = 1, DT_F64 = 2 };
+enum { POLICY_PROPAGATE = 0, POLICY_SKIP = 1, POLICY_RAISE = 2 };
+#define NFIELDS 6
+#define BLOCK 4096            /* values per block in the NCS statistics */
+#define VBYTES 32             /* vector width of the NCS sums (AVX2; GCC vector extensions) */
+#define NSC_BLOCK_BYTES 65536 /* bytes of rows per block in the NSC statistics */
+
+int syncbn_kernel_version(void) { return 1; }
+
+static inline double load(const void *p, int code, i64 i) {
+  if (code == DT_F32) return (double)((const float *)p)[i];
+  if (code == DT_F64) return ((const double *)p)[i];
+  return 0.0;
+}
+
+static inline void store(void *p, int code, i64 i, double v) {
+  if (code == DT_F32) ((float *)p)[i] = (float)v;
+  else if (code == DT_F64) ((double *)p)[i] = v;
+}
+
+/* Chan et al.: merge (nb, mb, qb) into (*na, *ma, *qa); q is the sum of squared deviations. */
+static inline void merge(double *na, double *ma, double *qa, double nb, double mb, double qb) {
+  if (nb <= 0.0) return;
+  double n = *na + nb, d = mb - *ma;
+  *ma += d * (nb / n);
+  *qa += qb + d * d * (*na) * (nb / n);
+  *na = n;
+}
+
+static void pack_header(double *buf, i64 len, i64 payload, const i64 *f) {
+  double *head = buf + len - 1 - 2 * NFIELDS;
+  buf[0] = 1.0;
+  memset(buf + 1 + payload, 0, sizeof(double) * (size_t)(head - (buf + 1 + payload)));
+  for (int k = 0; k < NFIELDS; ++k) {
+    head[2 * k] = (double)f[k];
+    head[2 * k + 1] = (double)f[k] * (double)f[k];
+  }
+  buf[len - 1] = 1.0;
+}
+
+/* 1 when every rank sent the same header fields (see _comm.py), else 0. */
+static int header_ok(const double *buf, i64 len, double world, const i64 *f) {
+  const double *head = buf + len - 1 - 2 * NFIELDS;
+  if (buf[0] != world || buf[len - 1] != world) return 0;
+  for (int k = 0; k < NFIELDS; ++k) {
+    double v = (double)f[k];
+    if (head[2 * k] != world * v || head[2 * k + 1] != world * v * v) return 0;
+  }
+  return 1;
+}
+
+int syncbn_header_ok(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2, i64 f3,
+                     i64 f4, i64 f5) {
+  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
+  return header_ok(buf, len, world, f);
+}
+
+/* Not worth waking threads for fewer values than this (torch uses a similar grain). */
+static int threads_for(i64 numel, int nt) {
+  if (nt < 1 || numel < 32768) return 1;
+  return nt;
+}
+
+/* After the forward collective: check the header, then global mean/invstd (float64) and the
+ * running statistics (only when the global count is >= 2; the unbiased variance; a non-finite
+ * new value keeps the old one under POLICY_SKIP).
+ * Returns the global count, -1 for a non-finite statistic under POLICY_RAISE (nothing updated),
+ * -2 for a header mismatch (nothing computed). */
+double syncbn_forward_finish(const double *buf, i64 len, i64 C, double world, i64 f0, i64 f1,
+                             i64 f2, i64 f3, i64 f4, i64 f5, double eps, double momentum,
+                             void *rmean, int rmean_code, void *rvar, int rvar_code, int policy,
+                             double *mean_out, double *invstd_out) {
+  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
+  if (!header_ok(buf, len, world, f)) return -2.0;
+  const double *sum_x = buf + 1, *sum_x2 = buf + 1 + C;
+  double n = buf[1 + 2 * C];
+  if (policy == POLICY_RAISE) {
+    for (i64 i = 0; i < 2 * C; ++i)
+      if (!isfinite(buf[1 + i])) return -1.0;
+  }
+  int update = n >= 2.0;
+  for (i64 c = 0; c < C; ++c) {
+    double mean = sum_x[c] / n;
+    double var = sum_x2[c] / n - mean * mean;
+    if (var < 0.0) var = 0.0;
+    mean_out[c] = mean;
+    invstd_out[c] = 1.0 / sqrt(var + eps);
+    if (!update) continue;
+    if (rmean_code != DT_NONE) {
+      double old = load(rmean, rmean_code, c);
+      double v = old * (1.0 - momentum) + mean * momentum;
+      store(rmean, rmean_code, c, (policy == POLICY_SKIP && !isfinite(v)) ? old : v);
+    }
+    if (rvar_code != DT_NONE) {
+      double old = load(rvar, rvar_code, c);
+      double v = old * (1.0 - momentum) + var * (n / (n - 1.0)) * momentum;
+      store(rvar, rvar_code, c, (policy == POLICY_SKIP && !isfinite(v)) ? old : v);
+    }
+  }
+  return n;
+}
+
+/* After the backward collective: 1 when the header agrees, else 0. */
+int syncbn_backward_check(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2,
+                          i64 f3, i64 f4, i64 f5) {
+  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
+  return header_ok(buf, len, world, f);
+}
+
+#define T float
+#define SFX(name) name##_f32
+#include "kernel_body.h"
+#undef T
+#undef SFX
+
+#define T double
+#define SFX(name) name##_f64
+#include "kernel_body.h"
+#undef T
+#undef SFX

@@ -1,0 +1,394 @@
+/* The type-generic kernels of kernel.c, included once per dtype with T (float or double) and
+ * SFX(name) (name_f32 or name_f64) defined. See kernel.c for layouts, numerics and the buffer. */
+
+/* Sums over `rows` rows of S values `stride` apart, in one vector of accumulators (one
+ * horizontal sum per call, not per row): sum(p); and with `k`, sum(p - k) and sum((p - k)^2). */
+typedef T SFX(vec) __attribute__((vector_size(VBYTES)));
+#define VL ((i64)(VBYTES / sizeof(T)))
+
+static inline T SFX(hsum)(SFX(vec) v) {
+  T t = 0;
+  for (i64 j = 0; j < VL; ++j) t += v[j];
+  return t;
+}
+
+static inline T SFX(rows_sum)(const T *p, i64 stride, i64 rows, i64 S) {
+  SFX(vec) acc = {0};
+  T tail = 0;
+  for (i64 r = 0; r < rows; ++r, p += stride) {
+    i64 s = 0;
+    for (; s + VL <= S; s += VL) {
+      SFX(vec) v;
+      __builtin_memcpy(&v, p + s, sizeof v);
+      acc += v;
+    }
+    for (; s < S; ++s) tail += p[s];
+  }
+  return SFX(hsum)(acc) + tail;
+}
+
+static inline void SFX(rows_centered)(const T *p, i64 stride, i64 rows, i64 S, T k, T *s1,
+                                      T *s2) {
+  SFX(vec) a1 = {0}, a2 = {0};
+  T t1 = 0, t2 = 0;
+  for (i64 r = 0; r < rows; ++r, p += stride) {
+    i64 s = 0;
+    for (; s + VL <= S; s += VL) {
+      SFX(vec) v;
+      __builtin_memcpy(&v, p + s, sizeof v);
+      v -= k;
+      a1 += v;
+      a2 += v * v;
+    }
+    for (; s < S; ++s) {
+      T d = p[s] - k;
+      t1 += d;
+      t2 += d * d;
+    }
+  }
+  *s1 = SFX(hsum)(a1) + t1;
+  *s2 = SFX(hsum)(a2) + t2;
+}
+/* sum(dy) and sum(dy * (x - m)) over `rows` rows of S values `stride` apart. */
+static inline void SFX(rows_dot)(const T *dy, const T *x, i64 stride, i64 rows, i64 S, T m,
+                                 T *sdy, T *sdyx) {
+  SFX(vec) a1 = {0}, a2 = {0};
+  T t1 = 0, t2 = 0;
+  for (i64 r = 0; r < rows; ++r, dy += stride, x += stride) {
+    i64 s = 0;
+    for (; s + VL <= S; s += VL) {
+      SFX(vec) d, v;
+      __builtin_memcpy(&d, dy + s, sizeof d);
+      __builtin_memcpy(&v, x + s, sizeof v);
+      a1 += d;
+      a2 += d * (v - m);
+    }
+    for (; s < S; ++s) {
+      t1 += dy[s];
+      t2 += dy[s] * (x[s] - m);
+    }
+  }
+  *sdy = SFX(hsum)(a1) + t1;
+  *sdyx = SFX(hsum)(a2) + t2;
+}
+#undef VL
+
+/* Mean and sum of squared deviations of channel c in the NCS layout: blocks of at most BLOCK
+ * values (part of a row, or whole rows of this channel), each summed twice while in cache. */
+static void SFX(channel_moments_ncs)(const T *x, i64 N, i64 C, i64 S, i64 c, double *mean,
+                                     double *q) {
+  double na = 0.0, ma = 0.0, qa = 0.0;
+  i64 chunk = S < BLOCK ? S : BLOCK, g = S < BLOCK ? BLOCK / S : 1; /* g rows of chunk values */
+  for (i64 n0 = 0; n0 < N; n0 += g) {
+    i64 rows = N - n0 < g ? N - n0 : g;
+    for (i64 s0 = 0; s0 < S; s0 += chunk) {
+      i64 len = S - s0 < chunk ? S - s0 : chunk;
+      const T *p = x + (n0 * C + c) * S + s0;
+      double m = (double)(rows * len), inv = 1.0 / m;
+      T k = SFX(rows_sum)(p, C * S, rows, len) / (T)m, s1, s2;
+      SFX(rows_centered)(p, C * S, rows, len, k, &s1, &s2);
+      double bm = (double)k + (double)s1 * inv;
+      double bq = (double)s2 - (double)s1 * (double)s1 * inv;
+      if (bq < 0.0) bq = 0.0;
+      if (na == 0.0) {
+        na = m;
+        ma = bm;
+        qa = bq;
+      } else {
+        merge(&na, &ma, &qa, m, bm, bq);
+      }
+    }
+  }
+  *mean = ma;
+  *q = qa;
+}
+
+/* Mean and sum of squared deviations of rows [r0, r1) in the NSC layout, per channel, merged
+ * into (*na, ma[C], qa[C]); scratch holds 3*C values of T. */
+static void SFX(rows_moments_nsc)(const T *x, i64 C, i64 r0, i64 r1, i64 B, double *na,
+                                  double *ma, double *qa, T *scratch) {
+  T *k = scratch, *s1 = scratch + C, *s2 = scratch + 2 * C;
+  for (i64 b0 = r0; b0 < r1; b0 += B) {
+    i64 rows = r1 - b0 < B ? r1 - b0 : B;
+    for (i64 c = 0; c < C; ++c) k[c] = s1[c] = s2[c] = 0;
+    for (i64 r = b0; r < b0 + rows; ++r) {
+      const T *row = x + r * C;
+#pragma omp simd
+      for (i64 c = 0; c < C; ++c) k[c] += row[c];
+    }
+    T inv = (T)1 / (T)rows;
+#pragma omp simd
+    for (i64 c = 0; c < C; ++c) k[c] *= inv;
+    for (i64 r = b0; r < b0 + rows; ++r) {
+      const T *row = x + r * C;
+#pragma omp simd
+      for (i64 c = 0; c < C; ++c) {
+        T d = row[c] - k[c];
+        s1[c] += d;
+        s2[c] += d * d;
+      }
+    }
+    double nb = (double)rows, n = *na + nb, w = nb / n;
+    for (i64 c = 0; c < C; ++c) {
+      double bm = (double)k[c] + (double)s1[c] / nb;
+      double bq = (double)s2[c] - (double)s1[c] * (double)s1[c] / nb;
+      double d = bm - ma[c];
+      ma[c] += d * w;
+      qa[c] += (bq < 0.0 ? 0.0 : bq) + d * d * (*na) * w;
+    }
+    *na = n;
+  }
+}
+
+static i64 SFX(nsc_block_rows)(i64 C) {
+  i64 b = NSC_BLOCK_BYTES / (C * (i64)sizeof(T));
+  return b < 1 ? 1 : b;
+}
+
+/* Forward, before the collective: payload [sum(x) (C), sum(x^2) (C), n] and the header into
+ * buf (len numbers). Returns 0, or -1 when out of memory. */
+int SFX(syncbn_forward_reduce)(const T *x, i64 N, i64 C, i64 S, int nsc, int nt, double *buf,
+                               i64 len, i64 f0, i64 f1, i64 f2, i64 f3, i64 f4, i64 f5) {
+  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
+  double *sum_x = buf + 1, *sum_x2 = buf + 1 + C, n = (double)(N * S);
+  nt = threads_for(N * C * S, nt);
+  pack_header(buf, len, 2 * C + 1, f);
+  buf[1 + 2 * C] = n;
+  if (N * S == 0) {
+    memset(sum_x, 0, sizeof(double) * (size_t)(2 * C));
+    return 0;
+  }
+  if (!nsc) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (i64 c = 0; c < C; ++c) {
+      double mean, q;
+      SFX(channel_moments_ncs)(x, N, C, S, c, &mean, &q);
+      sum_x[c] = n * mean;
+      sum_x2[c] = q + n * mean * mean;
+    }
+    return 0;
+  }
+  i64 R = N * S, B = SFX(nsc_block_rows)(C), blocks = (R + B - 1) / B;
+  if (nt > blocks) nt = (int)blocks;
+  double *acc = malloc(sizeof(double) * (size_t)(nt * (2 * C + 1)));
+  T *scratch = malloc(sizeof(T) * (size_t)(nt * 3 * C));
+  if (!acc || !scratch) {
+    free(acc);
+    free(scratch);
+    return -1;
+  }
+  memset(acc, 0, sizeof(double) * (size_t)(nt * (2 * C + 1)));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    int t = 0, nth = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    nth = omp_get_num_threads();
+#endif
+    i64 per = (blocks + nth - 1) / nth, r0 = t * per * B, r1 = (t + 1) * per * B;
+    if (r1 > R) r1 = R;
+    double *mine = acc + t * (2 * C + 1);
+    if (r0 < r1)
+      SFX(rows_moments_nsc)(x, C, r0, r1, B, mine + 2 * C, mine, mine + C, scratch + t * 3 * C);
+  }
+  for (int t = 1; t < nt; ++t) { /* in thread order: deterministic for a given nt */
+    double *a = acc, *b = acc + t * (2 * C + 1);
+    double nb = b[2 * C], tot = a[2 * C] + nb;
+    if (nb <= 0.0) continue;
+    for (i64 c = 0; c < C; ++c) {
+      double d = b[c] - a[c];
+      a[c] += d * (nb / tot);
+      a[C + c] += b[C + c] + d * d * a[2 * C] * (nb / tot);
+    }
+    a[2 * C] = tot;
+  }
+  for (i64 c = 0; c < C; ++c) {
+    sum_x[c] = n * acc[c];
+    sum_x2[c] = acc[C + c] + n * acc[c] * acc[c];
+  }
+  free(acc);
+  free(scratch);
+  return 0;
+}
+
+/* Per-channel a, m, b (in T) of y = (x - m) * a + b: a = invstd * weight, b = bias. */
+static inline void SFX(affine)(i64 c, const double *mean, const double *invstd, const void *w,
+                               int wc, const void *b, int bc, T *m_o, T *a_o, T *b_o) {
+  *m_o = (T)mean[c];
+  *a_o = (T)(invstd[c] * (wc == DT_NONE ? 1.0 : load(w, wc, c)));
+  *b_o = (T)(bc == DT_NONE ? 0.0 : load(b, bc, c));
+}
+
+/* y = (x - mean) * invstd * weight + bias. Returns 0, or -1 when out of memory. */
+int SFX(syncbn_normalize)(const T *x, T *y, i64 N, i64 C, i64 S, int nsc, int nt,
+                          const double *mean, const double *invstd, const void *w, int wc,
+                          const void *b, int bc) {
+  nt = threads_for(N * C * S, nt);
+  if (!nsc) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (i64 r = 0; r < N * C; ++r) {
+      T m, a, bb;
+      SFX(affine)(r % C, mean, invstd, w, wc, b, bc, &m, &a, &bb);
+      const T *xr = x + r * S;
+      T *yr = y + r * S;
+#pragma omp simd
+      for (i64 s = 0; s < S; ++s) yr[s] = (xr[s] - m) * a + bb;
+    }
+    return 0;
+  }
+  T *coef = malloc(sizeof(T) * (size_t)(3 * C));
+  if (!coef) return -1;
+  T *m = coef, *a = coef + C, *bb = coef + 2 * C;
+  for (i64 c = 0; c < C; ++c) SFX(affine)(c, mean, invstd, w, wc, b, bc, m + c, a + c, bb + c);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (i64 r = 0; r < N * S; ++r) {
+    const T *xr = x + r * C;
+    T *yr = y + r * C;
+#pragma omp simd
+    for (i64 c = 0; c < C; ++c) yr[c] = (xr[c] - m[c]) * a[c] + bb[c];
+  }
+  free(coef);
+  return 0;
+}
+
+/* Backward, before the collective: local sum(dy) and sum(dy * xhat) per channel, into the
+ * payload [sum(dy) (C), sum(dy * xhat) (C)] of buf with the header (when buf is not NULL), and
+ * into the local weight/bias gradients gw, gb (when their codes are not DT_NONE).
+ * Returns 0, or -1 when out of memory. */
+int SFX(syncbn_backward_reduce)(const T *dy, const T *x, i64 N, i64 C, i64 S, int nsc, int nt,
+                                const double *mean, const double *invstd, double *buf, i64 len,
+                                i64 f0, i64 f1, i64 f2, i64 f3, i64 f4, i64 f5, void *gw, int gwc,
+                                void *gb, int gbc) {
+  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
+  double *sums = calloc((size_t)(2 * C), sizeof(double));
+  if (!sums) return -1;
+  nt = threads_for(N * C * S, nt);
+  if (N * S == 0) {
+    /* an empty shard adds nothing (its invstd may be NaN: a global batch of 0) */
+  } else if (!nsc) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (i64 c = 0; c < C; ++c) {
+      double sdy = 0.0, sdyx = 0.0;
+      i64 chunk = S < BLOCK ? S : BLOCK, g = S < BLOCK ? BLOCK / S : 1;
+      for (i64 n0 = 0; n0 < N; n0 += g) { /* blocks of at most BLOCK values, as in the forward */
+        i64 rows = N - n0 < g ? N - n0 : g;
+        for (i64 s0 = 0; s0 < S; s0 += chunk) {
+          i64 len = S - s0 < chunk ? S - s0 : chunk, off = (n0 * C + c) * S + s0;
+          T a, b;
+          SFX(rows_dot)(dy + off, x + off, C * S, rows, len, (T)mean[c], &a, &b);
+          sdy += (double)a;
+          sdyx += (double)b;
+        }
+      }
+      sums[c] = sdy;
+      sums[C + c] = sdyx * invstd[c];
+    }
+  } else {
+    i64 R = N * S, B = SFX(nsc_block_rows)(C), blocks = R > 0 ? (R + B - 1) / B : 1;
+    if (nt > blocks) nt = (int)blocks;
+    double *acc = calloc((size_t)(nt * 2 * C), sizeof(double));
+    T *scratch = malloc(sizeof(T) * (size_t)(nt * 3 * C));
+    if (!acc || !scratch) {
+      free(acc);
+      free(scratch);
+      free(sums);
+      return -1;
+    }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      int t = 0, nth = 1;
+#ifdef _OPENMP
+      t = omp_get_thread_num();
+      nth = omp_get_num_threads();
+#endif
+      i64 per = (blocks + nth - 1) / nth, r0 = t * per * B, r1 = (t + 1) * per * B;
+      if (r1 > R) r1 = R;
+      double *mine = acc + t * 2 * C;
+      T *m = scratch + t * 3 * C, *a = m + C, *b = m + 2 * C;
+      for (i64 c = 0; c < C; ++c) m[c] = (T)mean[c];
+      for (i64 b0 = r0; b0 < r1; b0 += B) {
+        i64 e = r1 - b0 < B ? r1 : b0 + B;
+        for (i64 c = 0; c < C; ++c) a[c] = b[c] = 0;
+        for (i64 r = b0; r < e; ++r) {
+          const T *dr = dy + r * C, *xr = x + r * C;
+#pragma omp simd
+          for (i64 c = 0; c < C; ++c) {
+            a[c] += dr[c];
+            b[c] += dr[c] * (xr[c] - m[c]);
+          }
+        }
+        for (i64 c = 0; c < C; ++c) {
+          mine[c] += (double)a[c];
+          mine[C + c] += (double)b[c];
+        }
+      }
+    }
+    for (i64 c = 0; c < C; ++c) {
+      double sdy = 0.0, sdyx = 0.0;
+      for (int t = 0; t < nt; ++t) {
+        sdy += acc[t * 2 * C + c];
+        sdyx += acc[t * 2 * C + C + c];
+      }
+      sums[c] = sdy;
+      sums[C + c] = sdyx * invstd[c];
+    }
+    free(acc);
+    free(scratch);
+  }
+  for (i64 c = 0; c < C; ++c) {
+    store(gb, gbc, c, sums[c]);
+    store(gw, gwc, c, sums[C + c]);
+  }
+  if (buf) {
+    pack_header(buf, len, 2 * C, f);
+    memcpy(buf + 1, sums, sizeof(double) * (size_t)(2 * C));
+  }
+  free(sums);
+  return 0;
+}
+
+/* Per-channel a, b, k (in T) of dx = dy * a + (x - m) * b + k from the global sums. */
+static inline void SFX(grad_coef)(i64 c, i64 C, const double *mean, const double *invstd,
+                                  const void *w, int wc, const double *sums, double count,
+                                  T *m_o, T *a_o, T *b_o, T *k_o) {
+  double wi = invstd[c] * (wc == DT_NONE ? 1.0 : load(w, wc, c));
+  *m_o = (T)mean[c];
+  *a_o = (T)wi;
+  *b_o = (T)(-wi * invstd[c] * (sums[C + c] / count));
+  *k_o = (T)(-wi * (sums[c] / count));
+}
+
+/* dx = weight * invstd * (dy - sum(dy)/n - xhat * sum(dy * xhat)/n) with the global sums
+ * (the reduced payload [sum(dy) (C), sum(dy * xhat) (C)]) and global count n.
+ * Returns 0, or -1 when out of memory. */
+int SFX(syncbn_backward_input)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 S, int nsc,
+                               int nt, const double *mean, const double *invstd, const void *w,
+                               int wc, const double *sums, double count) {
+  nt = threads_for(N * C * S, nt);
+  if (!nsc) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (i64 r = 0; r < N * C; ++r) {
+      T m, a, b, k;
+      SFX(grad_coef)(r % C, C, mean, invstd, w, wc, sums, count, &m, &a, &b, &k);
+      const T *dr = dy + r * S, *xr = x + r * S;
+      T *out = dx + r * S;
+#pragma omp simd
+      for (i64 s = 0; s < S; ++s) out[s] = dr[s] * a + (xr[s] - m) * b + k;
+    }
+    return 0;
+  }
+  T *coef = malloc(sizeof(T) * (size_t)(4 * C));
+  if (!coef) return -1;
+  T *m = coef, *a = coef + C, *b = coef + 2 * C, *k = coef + 3 * C;
+  for (i64 c = 0; c < C; ++c)
+    SFX(grad_coef)(c, C, mean, invstd, w, wc, sums, count, m + c, a + c, b + c, k + c);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (i64 r = 0; r < N * S; ++r) {
+    const T *dr = dy + r * C, *xr = x + r * C;
+    T *out = dx + r * C;
+#pragma omp simd
+    for (i64 c = 0; c < C; ++c) out[c] = dr[c] * a[c] + (xr[c] - m[c]) * b[c] + k[c];
+  }
+  free(coef);
+  return 0;
+}
