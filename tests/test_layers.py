@@ -99,7 +99,8 @@ def test_bad_input_raises_before_any_collective(monkeypatch):
     def no_collective(*args, **kwargs):
         raise AssertionError("a collective was started before the input was checked")
 
-    monkeypatch.setattr(_comm, "synced_sum", no_collective)
+    monkeypatch.setattr(_comm, "synced_sum", no_collective)  # the ATen path's collective
+    monkeypatch.setattr(_comm, "all_reduce_buffer", no_collective)  # the fused kernel's
     layer = syncbn.SyncBatchNorm2d(3)
     for bad in (torch.randn(2, 3, 4), torch.randn(2, 4, 2, 2), torch.ones(2, 3, 2, 2, dtype=torch.int32)):
         with pytest.raises(ValueError):

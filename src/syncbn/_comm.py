@@ -25,7 +25,7 @@ error comes one pass late there.
 from __future__ import annotations
 
 import logging
-import os
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from . import _settings
 
 __all__ = [
     "BACKWARD",
@@ -42,6 +44,7 @@ __all__ = [
     "backend_name",
     "buffer_length",
     "check_pending",
+    "collective_seconds",
     "compiling",
     "debug_level",
     "describe_group",
@@ -63,12 +66,19 @@ _MIN_WIDTH = 64  # channels every buffer is padded to at least
 _widest = _MIN_WIDTH
 _keys: dict[int, str] = {}  # layer key -> description, to name the layer another rank was at
 _pending: list[tuple[Any, Tensor, list[int], LayerTag, int, int, Any]] = []
+_waited = [0.0]  # seconds this process spent inside syncbn's all_reduce calls
+
+
+def collective_seconds() -> float:
+    """Seconds this process has spent inside syncbn's collectives so far (host wall time of the
+    ``all_reduce`` calls: the wait for the other ranks and the transfer; on GPU, the launch)."""
+    return _waited[0]
 
 
 def debug_level() -> int:
     """``SYNCBN_DEBUG``: 0 off, 1 extra checks (one more collective per pass), 2 also log each sync."""
     try:
-        return int(os.environ.get("SYNCBN_DEBUG", "0") or 0)
+        return int(_settings.get("SYNCBN_DEBUG", "0"))
     except ValueError:
         return 1
 
@@ -187,9 +197,11 @@ def all_reduce_buffer(buffer: Tensor, payload_size: int, tag: LayerTag, directio
     if not compiling():
         check_pending()
     count = tag.forward if direction == FORWARD else tag.backward
-    if debug_level():
+    debug = debug_level()
+    if debug:
         _debug_gather(buffer[1:1 + payload_size], tag, direction, channels, count,
                       process_group, shape)
+    start = time.perf_counter()
     try:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
     except RuntimeError as e:  # a timeout, a peer that exited, a backend error
@@ -199,7 +211,9 @@ def all_reduce_buffer(buffer: Tensor, payload_size: int, tag: LayerTag, directio
             "never reached this layer. " + _CAUSES + " The wait is bounded by the process group's "
             "timeout: init_process_group(..., timeout=datetime.timedelta(seconds=...))."
         ) from e
-    if debug_level() >= 2:
+    finally:
+        _waited[0] += time.perf_counter() - start
+    if debug >= 2:
         log.info("syncbn: %s %s pass #%d synced over %d ranks (%d numbers)",
                  tag.description, _DIRECTIONS[direction], count, group_size(process_group),
                  buffer.numel())

@@ -10,14 +10,13 @@ included). ``SYNCBN_KERNEL=aten`` forces the second.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _comm, _kernel, _stats
+from . import _comm, _kernel, _settings, _stats
 
 __all__ = ["SyncBatchNormFunction", "nonfinite_policy"]
 
@@ -32,7 +31,7 @@ def nonfinite_policy() -> str:
     their previous values (no device sync). ``raise``: a ``RuntimeError`` on every rank before
     anything is updated (costs a device sync per pass on GPU).
     """
-    value = os.environ.get("SYNCBN_NONFINITE", "propagate") or "propagate"
+    value = _settings.get("SYNCBN_NONFINITE", "propagate")
     if value not in NONFINITE_POLICIES:
         raise ValueError(f"SYNCBN_NONFINITE: expected one of {NONFINITE_POLICIES}, got {value!r}")
     return value
@@ -59,8 +58,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         tag: _comm.LayerTag,
     ) -> Tensor:
         if not _comm.compiling():  # compiled graphs trace torch operators: the ATen path
-            geom = _kernel.geometry(input)
-            if geom is not None and _kernel.takes_params(weight, bias, running_mean, running_var):
+            geom = _kernel.geometry(input, weight, bias, running_mean, running_var)
+            if geom is not None:
                 lib = _kernel.get()
                 if lib is not None:
                     return _forward_fused(ctx, lib, geom, input, weight, bias, running_mean,
@@ -159,36 +158,38 @@ def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: T
     tag.forward += 1
     fields = _comm.header_fields(tag, _comm.FORWARD, channels)
     length = _comm.buffer_length(channels)
+    # Large tensors first, then the small ones that outlive them: freeing the large ones then
+    # does not leave free memory at the top of the heap, which glibc would hand back to the OS
+    # (and the next pass would page-fault on).
+    out = torch.empty_like(input)
     buffer = torch.empty(length, dtype=torch.float64)
     # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> buffer_length(C)
     if getattr(lib, f"syncbn_forward_reduce_{sfx}")(
             input.data_ptr(), n, channels, s, nsc, threads, buffer.data_ptr(), length, *fields):
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
     _comm.all_reduce_buffer(buffer, 2 * channels + 1, tag, _comm.FORWARD, channels,
-                            process_group, tuple(input.shape))
-    mean = torch.empty(channels, dtype=torch.float64)
-    invstd = torch.empty(channels, dtype=torch.float64)
+                            process_group, input.shape)
+    stats = torch.empty(2 * channels, dtype=torch.float64)  # mean (C), invstd (C)
+    world = float(_comm.group_size(process_group))
     # Header check, global mean/invstd and (when the global count is >= 2) the running
-    # statistics, in float64 from the identical reduced buffer: bitwise equal on every rank.
-    count = lib.syncbn_forward_finish(
-        buffer.data_ptr(), length, channels, float(_comm.group_size(process_group)), *fields,
-        eps, momentum, _kernel.ptr(running_mean), _kernel.dtype_code(running_mean),
-        _kernel.ptr(running_var), _kernel.dtype_code(running_var),
-        _POLICY_CODES[nonfinite_policy()], mean.data_ptr(), invstd.data_ptr())
+    # statistics, in float64 from the identical reduced buffer (bitwise equal on every rank),
+    # then the normalization.
+    count = getattr(lib, f"syncbn_forward_apply_{sfx}")(
+        buffer.data_ptr(), length, world, *fields, eps, momentum, _kernel.ptr(running_mean),
+        _kernel.dtype_code(running_mean), _kernel.ptr(running_var),
+        _kernel.dtype_code(running_var), _POLICY_CODES[nonfinite_policy()], stats.data_ptr(),
+        input.data_ptr(), out.data_ptr(), n, channels, s, nsc, threads, _kernel.ptr(weight),
+        _kernel.dtype_code(weight), _kernel.ptr(bias), _kernel.dtype_code(bias))
     if count == -2.0:
         _comm.verify_buffer(buffer, fields, tag, _comm.FORWARD, process_group)  # raises
     if count == -1.0:
         raise _nonfinite_error(tag)
     if count == 1.0:  # every rank reads the same count: all of them raise together
         raise _one_value_error(input, process_group)
-    out = torch.empty_like(input)
-    if getattr(lib, f"syncbn_normalize_{sfx}")(
-            input.data_ptr(), out.data_ptr(), n, channels, s, nsc, threads, mean.data_ptr(),
-            invstd.data_ptr(), _kernel.ptr(weight), _kernel.dtype_code(weight), _kernel.ptr(bias),
-            _kernel.dtype_code(bias)):
+    if count == -3.0:
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
-    ctx.save_for_backward(input, weight, mean, invstd)
-    ctx.fused = (lib, geom, count)
+    ctx.save_for_backward(input, weight, stats)
+    ctx.fused = (lib, geom, count, world)
     ctx.process_group = process_group
     ctx.tag = tag
     ctx.bias_dtype = bias.dtype if bias is not None else input.dtype
@@ -197,16 +198,18 @@ def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: T
 
 def _backward_fused(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """The backward in the fused kernel (see :meth:`SyncBatchNormFunction.backward`)."""
-    input, weight, mean, invstd = ctx.saved_tensors
-    lib, (n, channels, s, nsc), count = ctx.fused
+    input, weight, stats = ctx.saved_tensors
+    lib, (n, channels, s, nsc), count, world = ctx.fused
+    mean, invstd = stats.data_ptr(), stats.data_ptr() + 8 * channels  # C, C
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     sfx = _kernel.suffix(input.dtype)
     threads = torch.get_num_threads()
     tag = ctx.tag
     dy = grad_output.to(input.dtype).contiguous(memory_format=_kernel.layout_of(input, nsc))
+    grad_in = torch.empty_like(input) if need_input else None  # large first: see the forward
     grad_weight = torch.empty(channels, dtype=weight.dtype) if need_weight else None
     grad_bias = torch.empty(channels, dtype=ctx.bias_dtype) if need_bias else None
-    fields, length, buffer, grad_in = [0] * 6, 0, None, None
+    fields, length, buffer = [0] * 6, 0, None
     if need_input:
         tag.backward += 1
         fields = _comm.header_fields(tag, _comm.BACKWARD, channels)
@@ -215,20 +218,20 @@ def _backward_fused(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> buffer_length(C); and the local
     # weight/bias gradients (this rank's share: DDP or the user sums them over ranks)
     if getattr(lib, f"syncbn_backward_reduce_{sfx}")(
-            dy.data_ptr(), input.data_ptr(), n, channels, s, nsc, threads, mean.data_ptr(),
-            invstd.data_ptr(), _kernel.ptr(buffer), length, *fields, _kernel.ptr(grad_weight),
+            dy.data_ptr(), input.data_ptr(), n, channels, s, nsc, threads, mean, invstd,
+            _kernel.ptr(buffer), length, *fields, _kernel.ptr(grad_weight),
             _kernel.dtype_code(grad_weight), _kernel.ptr(grad_bias), _kernel.dtype_code(grad_bias)):
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the backward")
     if buffer is not None:
         _comm.all_reduce_buffer(buffer, 2 * channels, tag, _comm.BACKWARD, channels,
-                                ctx.process_group, tuple(input.shape))
-        if not lib.syncbn_backward_check(buffer.data_ptr(), length,
-                                         float(_comm.group_size(ctx.process_group)), *fields):
-            _comm.verify_buffer(buffer, fields, tag, _comm.BACKWARD, ctx.process_group)
-        grad_in = torch.empty_like(input)
-        if getattr(lib, f"syncbn_backward_input_{sfx}")(
-                dy.data_ptr(), input.data_ptr(), grad_in.data_ptr(), n, channels, s, nsc, threads,
-                mean.data_ptr(), invstd.data_ptr(), _kernel.ptr(weight),
-                _kernel.dtype_code(weight), buffer.data_ptr() + 8, count):
+                                ctx.process_group, input.shape)
+        # header check, then grad_input from the global sums
+        done = getattr(lib, f"syncbn_backward_apply_{sfx}")(
+            buffer.data_ptr(), length, world, *fields, dy.data_ptr(), input.data_ptr(),
+            grad_in.data_ptr(), n, channels, s, nsc, threads, mean, _kernel.ptr(weight),
+            _kernel.dtype_code(weight), count)
+        if done == 0:
+            _comm.verify_buffer(buffer, fields, tag, _comm.BACKWARD, ctx.process_group)  # raises
+        if done < 0:
             raise MemoryError(f"syncbn: {tag.description}: out of memory in the backward")
     return grad_in, grad_weight, grad_bias, None, None, None, None, None, None

@@ -36,13 +36,15 @@ from typing import Any
 
 import torch
 
+from . import _settings
+
 __all__ = ["KernelUnavailable", "build_info", "dtype_code", "get", "mode"]
 
 log = logging.getLogger("syncbn")
 
 MODES = ("auto", "fused", "aten")
 _SOURCES = ("kernel.c", "kernel_body.h")
-_VERSION = 1  # must match syncbn_kernel_version() in kernel.c
+_VERSION = 2  # must match syncbn_kernel_version() in kernel.c
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 _OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 _lock = threading.Lock()
@@ -71,6 +73,14 @@ for _sfx in ("f32", "f64"):
         f"syncbn_backward_input_{_sfx}": (c_int, [c_void_p, c_void_p, c_void_p, i64, i64, i64,
                                                   c_int, c_int, c_void_p, c_void_p, c_void_p,
                                                   c_int, c_void_p, c_double]),
+        f"syncbn_forward_apply_{_sfx}": (c_double, [c_void_p, i64, c_double, *_FIELDS6, c_double,
+                                                    c_double, c_void_p, c_int, c_void_p, c_int,
+                                                    c_int, c_void_p, c_void_p, c_void_p, i64, i64,
+                                                    i64, c_int, c_int, c_void_p, c_int, c_void_p,
+                                                    c_int]),
+        f"syncbn_backward_apply_{_sfx}": (c_int, [c_void_p, i64, c_double, *_FIELDS6, c_void_p,
+                                                  c_void_p, c_void_p, i64, i64, i64, c_int, c_int,
+                                                  c_void_p, c_void_p, c_int, c_double]),
     })
 
 
@@ -80,7 +90,7 @@ class KernelUnavailable(RuntimeError):
 
 def mode() -> str:
     """``SYNCBN_KERNEL``: ``auto`` (default), ``fused`` or ``aten``."""
-    value = os.environ.get("SYNCBN_KERNEL", "auto") or "auto"
+    value = _settings.get("SYNCBN_KERNEL", "auto")
     if value not in MODES:
         raise ValueError(f"SYNCBN_KERNEL: expected one of {MODES}, got {value!r}")
     return value
@@ -205,15 +215,21 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 _DTYPES = (torch.float32, torch.float64)
 
 
-def geometry(input: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """``(N, C, S, nsc)`` when the kernel takes this CPU input as it lies in memory, else None.
+def geometry(input: torch.Tensor, *params: torch.Tensor | None) -> tuple[int, int, int, int] | None:
+    """``(N, C, S, nsc)`` when the kernel takes this input as it lies in memory, with these
+    per-channel tensors (weight, bias, running statistics), else None.
 
-    ``S`` is the product of the dims after the channel dim; ``nsc`` is 1 when channels are the
-    innermost dim (channels_last, or ``(N, C)`` input), 0 for torch's default ``(N, C, S)`` order.
+    The input must be a plain CPU float32/float64 tensor, contiguous or channels_last, and every
+    per-channel tensor absent or a contiguous float32/float64 CPU tensor. ``S`` is the product of
+    the dims after the channel dim; ``nsc`` is 1 when channels are the innermost dim
+    (channels_last, or ``(N, C)`` input), 0 for torch's default ``(N, C, S)`` order.
     """
     if (type(input) is not torch.Tensor and type(input) is not torch.nn.Parameter) or (
-            input.device.type != "cpu" or input.dtype not in _DTYPES):
+            not input.is_cpu or input.dtype not in _DTYPES):
         return None
+    for t in params:
+        if t is not None and (not t.is_cpu or t.dtype not in _DTYPES or not t.is_contiguous()):
+            return None
     shape = input.shape
     n, c = shape[0], shape[1]
     s = 1
@@ -234,15 +250,6 @@ def layout_of(input: torch.Tensor, nsc: int) -> torch.memory_format:
     if nsc and input.dim() in _CHANNELS_LAST and not input.is_contiguous():
         return _CHANNELS_LAST[input.dim()]
     return torch.contiguous_format
-
-
-def takes_params(*tensors: torch.Tensor | None) -> bool:
-    """True when every per-channel tensor is absent or a contiguous float32/float64 CPU tensor."""
-    for t in tensors:
-        if t is not None and (t.device.type != "cpu" or t.dtype not in _DTYPES
-                              or not t.is_contiguous()):
-            return False
-    return True
 
 
 def suffix(dtype: torch.dtype) -> str:

@@ -392,3 +392,33 @@ int SFX(syncbn_backward_input)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64
   free(coef);
   return 0;
 }
+
+/* After the forward collective, in one call: syncbn_forward_finish (header check, mean and invstd
+ * into stats[0..C) and stats[C..2C), running statistics), then, unless it returned an error or
+ * a global count of 1, the normalization of x into y. Returns what syncbn_forward_finish does,
+ * or -3 when out of memory. */
+double SFX(syncbn_forward_apply)(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2,
+                                 i64 f3, i64 f4, i64 f5, double eps, double momentum, void *rmean,
+                                 int rmean_code, void *rvar, int rvar_code, int policy,
+                                 double *stats, const T *x, T *y, i64 N, i64 C, i64 S, int nsc,
+                                 int nt, const void *w, int wc, const void *b, int bc) {
+  double n = syncbn_forward_finish(buf, len, C, world, f0, f1, f2, f3, f4, f5, eps, momentum,
+                                   rmean, rmean_code, rvar, rvar_code, policy, stats, stats + C);
+  if (n < 0.0 || n == 1.0) return n;
+  if (SFX(syncbn_normalize)(x, y, N, C, S, nsc, nt, stats, stats + C, w, wc, b, bc)) return -3.0;
+  return n;
+}
+
+/* After the backward collective, in one call: the header check, then grad_input from the
+ * reduced payload. Returns 1, 0 for a header mismatch (nothing computed), -1 when out of memory. */
+int SFX(syncbn_backward_apply)(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2,
+                               i64 f3, i64 f4, i64 f5, const T *dy, const T *x, T *dx, i64 N,
+                               i64 C, i64 S, int nsc, int nt, const double *stats, const void *w,
+                               int wc, double count) {
+  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
+  if (!header_ok(buf, len, world, f)) return 0;
+  if (SFX(syncbn_backward_input)(dy, x, dx, N, C, S, nsc, nt, stats, stats + C, w, wc, buf + 1,
+                                 count))
+    return -1;
+  return 1;
+}
