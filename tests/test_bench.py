@@ -25,29 +25,37 @@ def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_quick_bench_writes_all_sections(tmp_path: Path) -> None:
     proc = _bench("--quick", "--out", str(tmp_path), "--shapes", "2x64x28x28,16x128,cl:2x32x14x14",
                   "--iters", "3", "--warmup", "1", "--e2e-input", "2x3x16x16", "--e2e-steps", "2",
-                  "--device", "cpu")
+                  "--device", "cpu", "--threads", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for title in ("1. Per layer", "2. End to end", "3. Memory"):
         assert title in proc.stdout
     report = json.loads((tmp_path / "syncbn-bench.json").read_text())
     for key in ("torch", "machine", "date", "threads", "command", "layers", "e2e"):
         assert key in report
-    assert report["threads"] == 1 and report["machine"]["cpu_count"] >= 1
+    assert report["threads"] == [1] and report["machine"]["cpu_count"] >= 1
+    kernel = report["kernel"]
+    assert kernel["available"] and kernel["cold_build_s"] > 0, kernel
+    assert "fused CPU kernel (SYNCBN_KERNEL=auto): cold build" in proc.stdout
     layers = report["layers"]
     assert [(r["shape"], r["world_size"]) for r in layers] == [
         (s, w) for w in (1, 2) for s in ("2x64x28x28", "16x128", "cl:2x32x14x14")]
     for row in layers:
-        for key in ("torch_bn_ms", "syncbn_ms", "textbook_ms", "all_reduce_ms"):
+        for key in ("torch_bn_ms", "syncbn_ms", "syncbn_aten_ms", "textbook_ms", "all_reduce_ms",
+                    "syncbn_collective_ms"):
             assert row[key] > 0, (key, row)
+        # compute is the total minus the time inside syncbn's two collectives
+        assert 0 < row["syncbn_compute_ms"] < row["syncbn_ms"], row
+        assert row["fused"] and row["threads"] == 1, row
         assert row["buffer_numbers"] > 0
         assert ("syncbn_fallback_ms" in row) == (row["world_size"] == 1)
         assert row["syncbn_fallback_ms"] > 0 if row["world_size"] == 1 else True
     e2e = report["e2e"]
-    for contender in ("torch_bn", "syncbn"):
+    for contender in ("torch_bn", "syncbn", "syncbn_own_group"):
         assert len(e2e[contender]) == 2
         for rank in e2e[contender]:
             assert rank["step_median_ms"] > 0 and rank["peak_bytes"] > 0
-    assert e2e["step_ratio"] > 0
+    assert e2e["step_ratio"] > 0 and e2e["own_group_step_ratio"] > 0
+    assert all(r["collective_median_ms"] > 0 for r in e2e["syncbn"])
 
 
 @pytest.mark.timeout(60)

@@ -4,11 +4,14 @@ Commands::
 
     syncbn bench                      # full run: CPU (GPU where available), a few minutes on 2 cores
     syncbn bench --quick              # short run (N=2 shapes, fewer iterations, small network)
-    syncbn bench --out results/ --threads 1 --world-sizes 1,2
+    syncbn bench --out results/ --threads 1,2 --world-sizes 1,2
     syncbn bench --shapes 2x64x56x56,64x1024,cl:2x64x56x56 --no-e2e
+    SYNCBN_KERNEL=aten syncbn bench   # syncbn on its plain ATen path only
 
 Three sections, each a table on stdout; every number also goes to ``--out/syncbn-bench.json``
-(with torch version, machine, date, threads and the command line).
+(with torch version, machine, date, threads, the fused kernel's build time and the command
+line). The header line says whether syncbn's fused CPU kernel is used, how long its cold build
+takes (measured in a subprocess with an empty cache) and how long this run took to get it.
 
 1. Per layer: forward + backward of one batch-norm layer (ResNet-50-like shapes at small per-rank
    batch; ``NxCxHxW``, ``NxC`` for 1d, ``cl:`` prefix for channels_last), at each world size in
@@ -23,9 +26,19 @@ Three sections, each a table on stdout; every number also goes to ``--out/syncbn
      one autograd-aware ``torch.distributed.nn.functional.all_reduce`` of ``[sum, sum_sq, count]``,
      ``(x - mean) * rsqrt(var + eps) * w + b`` with autograd doing the backward (also two
      collectives per forward+backward), running statistics updated under ``no_grad``;
+   * ``aten path``: the same syncbn contender with ``SYNCBN_KERNEL=aten`` (torch operators
+     instead of the fused CPU kernel; includes two ``os.environ`` writes per iteration);
    * ``all_reduce``: one plain ``dist.all_reduce`` of the buffer syncbn sends for that layer
-     (``syncbn._comm.buffer_length(C)`` float64). ``syncbn compute = syncbn - 2 x all_reduce``
-     (one collective forward, one backward).
+     (``syncbn._comm.buffer_length(C)`` float64): the collective's latency on its own.
+
+   ``in-situ coll``: the median time one syncbn iteration spent inside its two collectives
+   (``syncbn._comm.collective_seconds``): the latency as the layer meets it, including the wait
+   for the slower rank. ``compute`` = median over iterations of (syncbn time - in-situ
+   collective time). ``BN+2AR`` = torch BN + 2 x all_reduce, the W >= 2 target for syncbn.
+
+   The per-layer section runs once per ``--threads`` value (default 1,2). Combinations whose
+   ranks x threads exceed the cores are skipped (say so, and ``--oversubscribe`` runs them):
+   there every synchronizing contender waits on descheduled threads.
 
    Each shape is timed as if it were the only syncbn layer of the process (syncbn pads every
    buffer to the widest layer it has seen; the benchmark resets that between shapes). In a
@@ -35,8 +48,10 @@ Three sections, each a table on stdout; every number also goes to ``--out/syncbn
    (BasicBlocks, BatchNorm after every conv, defined here) on ``--e2e-input`` per rank
    (default 2x3x64x64; --quick: 2x3x32x32 and half the widths), W=2 ranks under DDP (default
    options, so buffers are broadcast every forward in both contenders), plain BatchNorm vs
-   ``syncbn.convert_sync_batchnorm``. Each contender runs in its own fresh processes. Median step
-   time per rank (the table shows the slowest rank's median).
+   ``syncbn.convert_sync_batchnorm`` on the default group (the one DDP's gradient all-reduces
+   use) vs on a process group of its own (``dist.new_group``: its collectives cannot queue behind
+   DDP's). Each contender runs in its own fresh processes. Median step time per rank (the table
+   shows the slowest rank's median) and the median time per step inside syncbn's collectives.
 
 3. Memory, from the same runs. CUDA: ``torch.cuda.max_memory_allocated`` over the steps. CPU: peak
    RSS growth of each rank over the steps: ``ru_maxrss`` (``resource.getrusage``) after the steps
@@ -46,8 +61,11 @@ Three sections, each a table on stdout; every number also goes to ``--out/syncbn
    granularity, not bytes torch allocated; the absolute peak RSS is in the JSON too.
 
 Spawned ranks: ``spawn`` start method, gloo over a ``FileStore`` in a temporary directory, a
-timeout on ``init_process_group``, ``torch.set_num_threads(--threads)`` per rank; a failing rank's
-traceback is printed and the run exits 1; ``--timeout`` bounds each launch.
+timeout on ``init_process_group``, ``torch.set_num_threads(--threads)`` per rank; on CPU each
+rank is bound to cores of its own (``os.sched_setaffinity``) when there are enough for every
+rank's threads (``--no-pin`` turns that off; it applies to every contender alike: on this VM a
+wake-up across cores costs tens of microseconds, which every collective pays several times); a
+failing rank's traceback is printed and the run exits 1; ``--timeout`` bounds each launch.
 
 Exit status: 0 done; 1 a rank failed or timed out; 2 bad options.
 """
@@ -127,8 +145,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="short run: N=2 shapes, fewer iterations, smaller network (< 1 min on 2 cores)")
     p.add_argument("--out", type=Path, default=Path("."), help="directory for syncbn-bench.json "
                    "(default: current directory)")
-    p.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch.set_num_threads in every rank (default: %(default)s)")
+    p.add_argument("--threads", type=_int_list, default=[1, 2], metavar="T[,T...]",
+                   help="torch.set_num_threads in every rank; the per-layer section runs once per "
+                   "value, the end-to-end step with the first (default: 1,2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="'auto': CUDA when there is a GPU per rank, else CPU (default: %(default)s)")
     p.add_argument("--shapes", type=_shape_list, default=None,
@@ -146,6 +165,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="per-rank input of the end-to-end step (default 2x3x64x64; --quick 2x3x32x32)")
     p.add_argument("--e2e-steps", type=_positive_int, default=None,
                    help="timed training steps per contender (default 30; --quick 5)")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="also run the per-layer world sizes whose ranks x threads exceed the CPU "
+                   "cores (skipped by default: every synchronizing contender then waits on "
+                   "descheduled threads, tens of ms per layer here)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not bind each CPU rank to cores of its own (by default a rank gets "
+                   "THREADS cores of its own when the machine has enough for every rank)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds each launch of ranks may take (default: %(default)s)")
     p.set_defaults(run=run)
@@ -162,8 +188,14 @@ def _sync(device: torch.device) -> None:
 
 def _time_rounds(contenders: dict[str, Callable[[], Any]], iters: int, warmup: int,
                  device: torch.device, barrier: Callable[[], None], rounds: int = 5) -> dict[str, dict]:
-    """Median/min ms of each contender; contenders interleaved in ``rounds`` blocks."""
+    """Median/min ms of each contender; contenders interleaved in ``rounds`` blocks.
+
+    Also the median of each iteration's time minus the time it spent inside syncbn's
+    collectives (``compute_median_ms``) and the median of that collective time."""
+    from syncbn._comm import collective_seconds
+
     times: dict[str, list[float]] = {k: [] for k in contenders}
+    waits: dict[str, list[float]] = {k: [] for k in contenders}
     for name, fn in contenders.items():
         barrier()
         for _ in range(warmup):
@@ -174,11 +206,15 @@ def _time_rounds(contenders: dict[str, Callable[[], Any]], iters: int, warmup: i
             barrier()
             for _ in range(n):
                 _sync(device)
+                w0 = collective_seconds()
                 t0 = time.perf_counter()
                 fn()
                 _sync(device)
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "n": len(v)}
+                waits[name].append((collective_seconds() - w0) * 1e3)
+    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "n": len(v),
+                "compute_median_ms": statistics.median(t - w for t, w in zip(v, waits[k])),
+                "collective_median_ms": statistics.median(waits[k])}
             for k, v in times.items() if v}
 
 
@@ -221,7 +257,7 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     import torch.distributed as dist
 
     import syncbn
-    from syncbn import _comm
+    from syncbn import _comm, _kernel
     from syncbn._function import SyncBatchNormFunction
 
     group = dist.group.WORLD
@@ -257,6 +293,17 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
         SyncBatchNormFunction.apply(x, sbn.weight, sbn.bias, f_rm, f_rv, EPS, MOMENTUM,
                                     group, tag).backward(dy)
 
+    def on_aten_path(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            os.environ["SYNCBN_KERNEL"] = "aten"
+            try:
+                fn()
+            finally:
+                os.environ["SYNCBN_KERNEL"] = kernel
+        return run
+
+    kernel = os.environ.get("SYNCBN_KERNEL", "auto") or "auto"
+
     def textbook() -> None:
         x.grad = None
         textbook_sync_bn(x, tb_w, tb_b, tb_rm, tb_rv, EPS, MOMENTUM, group).backward(dy)
@@ -270,12 +317,17 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
         contenders["syncbn_fallback"] = syncbn_module
     else:
         contenders["syncbn"] = syncbn_module
+    contenders["syncbn_aten"] = on_aten_path(contenders["syncbn"])
     contenders["textbook"] = textbook
     contenders["all_reduce"] = all_reduce
     res = _time_rounds(contenders, opts["iters"], opts["warmup"], device, barrier)
-    res = {k: v["median_ms"] for k, v in res.items()}
-    return {"shape": spec["name"], "world_size": world, "rank": rank,
-            "buffer_numbers": buf.numel(), **{f"{k}_ms": v for k, v in res.items()}}
+    row = {f"{k}_ms": v["median_ms"] for k, v in res.items()}
+    for k in ("syncbn", "syncbn_aten"):
+        row[f"{k}_compute_ms"] = res[k]["compute_median_ms"]
+        row[f"{k}_collective_ms"] = res[k]["collective_median_ms"]
+    fused = _kernel.geometry(x) is not None and _kernel.get() is not None
+    return {"shape": spec["name"], "world_size": world, "rank": rank, "threads": opts["threads"],
+            "fused": fused, "buffer_numbers": buf.numel(), **row}
 
 
 # --------------------------------------------------------------------------- end to end
@@ -332,6 +384,8 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
     model = make_resnet18(opts["e2e_width"])
     if opts["contender"] == "syncbn":
         model = syncbn.convert_sync_batchnorm(model)
+    elif opts["contender"] == "syncbn_own_group":  # a group of its own: not queued behind DDP's
+        model = syncbn.convert_sync_batchnorm(model, dist.new_group(list(range(world))))
     model = model.to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -353,14 +407,18 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
         base = _rss_bytes()
     for _ in range(opts["warmup"]):
         step()
-    times = []
+    from syncbn._comm import collective_seconds
+
+    times, waits = [], []
     for _ in range(opts["e2e_steps"]):
         dist.barrier()
         _sync(device)
+        w0 = collective_seconds()
         t0 = time.perf_counter()
         step()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
+        waits.append((collective_seconds() - w0) * 1e3)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         mem = {"peak_growth_bytes": peak - base, "peak_bytes": peak,
@@ -371,6 +429,7 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
                "method": "ru_maxrss after the steps minus RSS before the first step"}
     return {"e2e": {"contender": opts["contender"], "rank": rank, "world_size": world,
                     "step_median_ms": statistics.median(times), "step_min_ms": min(times),
+                    "collective_median_ms": statistics.median(waits),
                     "steps": len(times), **mem}}
 
 
@@ -387,6 +446,10 @@ def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: s
     import torch.distributed as dist
 
     torch.set_num_threads(opts["threads"])
+    if opts.get("pin") and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= world * opts["threads"]:  # each rank on cores of its own
+            os.sched_setaffinity(0, cores[rank * opts["threads"]:(rank + 1) * opts["threads"]])
     device = torch.device("cpu")
     backend = "gloo"
     if opts["device"] == "cuda":
@@ -402,6 +465,12 @@ def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: s
         torch.save(result, f"{result_path}.{rank}")
     finally:
         dist.destroy_process_group()
+    # Done: leave without the interpreter's teardown, where torch 2.13 sometimes aborts
+    # ("terminate called without an active exception") after the textbook contender's
+    # autograd-aware all_reduce in ranks bound to one core each (seen here).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _launch(world: int, task: str, opts: dict[str, Any]) -> list[dict]:
@@ -433,13 +502,14 @@ def _merge_layer_rows(per_rank: list[dict]) -> list[dict]:
     merged = []
     for rows in zip(*(r["layers"] for r in per_rank)):
         row = {"shape": rows[0]["shape"], "world_size": rows[0]["world_size"],
+               "threads": rows[0]["threads"], "fused": all(r["fused"] for r in rows),
                "buffer_numbers": rows[0]["buffer_numbers"]}
         for key in rows[0]:
             if key.endswith("_ms"):
                 row[key] = max(r[key] for r in rows)
                 row[key.replace("_ms", "_ms_per_rank")] = [r[key] for r in rows]
-        row["syncbn_compute_ms"] = row["syncbn_ms"] - 2 * row["all_reduce_ms"]
         row["syncbn_over_bn"] = row["syncbn_ms"] / row["torch_bn_ms"]
+        row["aten_over_bn"] = row["syncbn_aten_ms"] / row["torch_bn_ms"]
         row["compute_over_bn"] = row["syncbn_compute_ms"] / row["torch_bn_ms"]
         row["textbook_over_syncbn"] = row["textbook_ms"] / row["syncbn_ms"]
         row["syncbn_minus_bn_plus_2ar_ms"] = (row["syncbn_ms"] - row["torch_bn_ms"]
@@ -449,29 +519,41 @@ def _merge_layer_rows(per_rank: list[dict]) -> list[dict]:
 
 
 def layer_table(rows: list[dict]) -> str:
-    header = ["shape", "W", "torch BN ms", "syncbn ms", "syncbn/BN", "compute ms", "compute/BN",
-              "textbook ms", "textbook/syncbn", "fallback ms", "all_reduce us", "numbers"]
+    header = ["shape", "W", "T", "torch BN ms", "syncbn ms", "syncbn/BN", "compute ms",
+              "compute/BN", "in-situ coll us", "all_reduce us", "BN+2AR ms", "aten path ms",
+              "textbook ms", "textbook/syncbn", "fallback ms", "numbers"]
     body = []
     for r in rows:
         fb = r.get("syncbn_fallback_ms")
-        body.append([r["shape"], str(r["world_size"]), f"{r['torch_bn_ms']:.3f}",
+        body.append([r["shape"] + ("" if r["fused"] else " (aten)"), str(r["world_size"]),
+                     str(r["threads"]), f"{r['torch_bn_ms']:.3f}",
                      f"{r['syncbn_ms']:.3f}", f"{r['syncbn_over_bn']:.2f}",
                      f"{r['syncbn_compute_ms']:.3f}", f"{r['compute_over_bn']:.2f}",
+                     f"{r['syncbn_collective_ms'] * 1e3:.0f}", f"{r['all_reduce_ms'] * 1e3:.0f}",
+                     f"{r['torch_bn_ms'] + 2 * r['all_reduce_ms']:.3f}",
+                     f"{r['syncbn_aten_ms']:.3f}",
                      f"{r['textbook_ms']:.3f}", f"{r['textbook_over_syncbn']:.2f}",
-                     "-" if fb is None else f"{fb:.3f}", f"{r['all_reduce_ms'] * 1e3:.1f}",
-                     str(r["buffer_numbers"])])
+                     "-" if fb is None else f"{fb:.3f}", str(r["buffer_numbers"])])
     return _table(header, body)
 
 
 def e2e_tables(e2e: dict[str, Any]) -> tuple[str, str]:
-    bn, sb = e2e["torch_bn"], e2e["syncbn"]
+    bn = e2e["torch_bn"]
     t_bn = max(r["step_median_ms"] for r in bn)
-    t_sb = max(r["step_median_ms"] for r in sb)
-    step = _table(["network", "input/rank", "W", "BN step ms", "syncbn step ms", "syncbn/BN",
-                   "BN per rank ms", "syncbn per rank ms"],
-                  [[e2e["network"], e2e["input"], str(len(bn)), f"{t_bn:.1f}", f"{t_sb:.1f}",
-                    f"{t_sb / t_bn:.3f}", " ".join(f"{r['step_median_ms']:.1f}" for r in bn),
-                    " ".join(f"{r['step_median_ms']:.1f}" for r in sb)]])
+    rows = []
+    for key, label in (("syncbn", "default group"), ("syncbn_own_group", "own group")):
+        if key not in e2e:
+            continue
+        sb = e2e[key]
+        t_sb = max(r["step_median_ms"] for r in sb)
+        rows.append([e2e["network"], e2e["input"], str(len(bn)), label, f"{t_bn:.1f}",
+                     f"{t_sb:.1f}", f"{t_sb / t_bn:.3f}",
+                     " ".join(f"{r['collective_median_ms']:.1f}" for r in sb),
+                     " ".join(f"{r['step_median_ms']:.1f}" for r in bn),
+                     " ".join(f"{r['step_median_ms']:.1f}" for r in sb)])
+    step = _table(["network", "input/rank", "W", "syncbn's group", "BN step ms", "syncbn step ms",
+                   "syncbn/BN", "in collectives ms", "BN per rank ms", "syncbn per rank ms"], rows)
+    sb = e2e["syncbn"]
     mib = 2**20
     rows = []
     for r_bn, r_sb in zip(bn, sb):
@@ -497,7 +579,7 @@ def run(args: argparse.Namespace) -> int:
         print("syncbn bench: --e2e-input must be NxCxHxW", file=sys.stderr)
         return 2
     opts = {
-        "threads": args.threads, "device": device,
+        "threads": args.threads[0], "device": device, "pin": not args.no_pin,
         "shapes": args.shapes or _shape_list(QUICK_SHAPES if quick else FULL_SHAPES),
         "iters": args.iters or (10 if quick else 100), "warmup": args.warmup or (2 if quick else 10),
         "timeout": args.timeout, "e2e_input": e2e_input["shape"],
@@ -514,34 +596,54 @@ def run(args: argparse.Namespace) -> int:
                     "machine": platform.machine(), "cpu_count": os.cpu_count(),
                     "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
         "device": device, "threads": args.threads, "quick": quick,
+        "kernel": _kernel_report(device),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()
                     if k != "shapes"} | {"shapes": [s["name"] for s in opts["shapes"]]},
     }
     t_start = time.monotonic()
+    threads = ",".join(map(str, args.threads))
     print(f"syncbn bench: torch {torch.__version__}, {device}, {os.cpu_count()} CPUs, "
-          f"{args.threads} thread(s) per rank{', quick' if quick else ''}", flush=True)
+          f"{threads} thread(s) per rank{', quick' if quick else ''}", flush=True)
+    k = report["kernel"]
+    print(f"fused CPU kernel (SYNCBN_KERNEL={k['mode']}): "
+          + (f"cold build {k['cold_build_s']:.2f} s; this run {k['this_run']} it in "
+             f"{k['this_run_s'] * 1e3:.1f} ms" if k["available"] else f"not used ({k['error']})"),
+          flush=True)
     try:
         if not args.no_layers:
             rows: list[dict] = []
-            for world in args.world_sizes:
-                print(f"per layer, W={world} ...", file=sys.stderr, flush=True)
-                rows += _merge_layer_rows(_launch(world, "layers", opts))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+                os.cpu_count() or 1)
+            for t in args.threads:
+                for world in args.world_sizes:
+                    if device == "cpu" and world * t > cores and not args.oversubscribe:
+                        print(f"per layer, W={world}, {t} thread(s): skipped, {world} x {t} "
+                              f"threads > {cores} cores (--oversubscribe runs it)", flush=True)
+                        report.setdefault("skipped", []).append(
+                            {"world_size": world, "threads": t, "cores": cores})
+                        continue
+                    print(f"per layer, W={world}, {t} thread(s) ...", file=sys.stderr, flush=True)
+                    rows += _merge_layer_rows(_launch(world, "layers", opts | {"threads": t}))
             report["layers"] = rows
-            print("\n1. Per layer: forward + backward, median ms (slowest rank); compute = syncbn - "
-                  "2 x all_reduce;\n   W=1: syncbn = its synchronized Function over a 1-rank group, "
-                  "fallback = the module (plain BN)\n")
+            print("\n1. Per layer: forward + backward, median ms (slowest rank), T threads per rank;"
+                  "\n   compute = syncbn minus the time spent in its two collectives (in-situ coll),"
+                  "\n   all_reduce = one plain all_reduce of the same buffer; W=1: syncbn = its "
+                  "synchronized Function\n   over a 1-rank group, fallback = the module (plain BN)"
+                  "; aten path = syncbn with SYNCBN_KERNEL=aten\n")
             print(layer_table(rows), flush=True)
         if not args.no_e2e:
             e2e: dict[str, Any] = {"network": f"resnet18-style width {opts['e2e_width']}",
                                    "input": "x".join(map(str, opts["e2e_input"])),
                                    "steps": opts["e2e_steps"], "warmup": opts["warmup"]}
-            for contender in ("torch_bn", "syncbn"):
+            for contender in ("torch_bn", "syncbn", "syncbn_own_group"):
                 print(f"end to end, {contender} ...", file=sys.stderr, flush=True)
                 results = _launch(2, "e2e", opts | {"contender": contender})
                 e2e[contender] = [r["e2e"] for r in results]
             t_bn = max(r["step_median_ms"] for r in e2e["torch_bn"])
             t_sb = max(r["step_median_ms"] for r in e2e["syncbn"])
             e2e["step_ratio"] = t_sb / t_bn
+            e2e["own_group_step_ratio"] = max(
+                r["step_median_ms"] for r in e2e["syncbn_own_group"]) / t_bn
             e2e["memory_ratio_per_rank"] = [
                 s["peak_growth_bytes"] / max(b["peak_growth_bytes"], 1)
                 for b, s in zip(e2e["torch_bn"], e2e["syncbn"])]
@@ -561,6 +663,34 @@ def run(args: argparse.Namespace) -> int:
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
     return 0
+
+
+def _kernel_report(device: str) -> dict[str, Any]:
+    """The fused kernel's cold build time (a fresh cache, in a subprocess) and cached load time."""
+    import subprocess
+
+    from syncbn import _kernel
+
+    info: dict[str, Any] = {"mode": _kernel.mode(), "available": False, "error": None,
+                            "cold_build_s": None, "this_run": None, "this_run_s": None}
+    if device != "cpu" or _kernel.mode() == "aten":
+        info["error"] = "not a CPU run" if device != "cpu" else "SYNCBN_KERNEL=aten"
+        return info
+    code = ("from syncbn import _kernel; _kernel.get(); "
+            "print(_kernel.build_info()['seconds'] if _kernel.build_info()['compiled'] else -1)")
+    with tempfile.TemporaryDirectory(prefix="syncbn-kernel-") as cache:
+        env = {**os.environ, "SYNCBN_CACHE_DIR": cache, "SYNCBN_KERNEL": "fused"}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=600, check=False)
+    lib = _kernel.get()
+    if proc.returncode == 0 and lib is not None:
+        built = _kernel.build_info()
+        info.update(available=True, cold_build_s=float(proc.stdout.split()[-1]),
+                    this_run="built" if built["compiled"] else "loaded from the cache",
+                    this_run_s=built["seconds"], path=built["path"], flags=built["flags"])
+    else:
+        info["error"] = _kernel.build_info()["error"] or proc.stderr.strip()[-300:]
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
