@@ -228,7 +228,7 @@ def _backward_fused(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         # header check, then grad_input from the global sums
         done = getattr(lib, f"syncbn_backward_apply_{sfx}")(
             buffer.data_ptr(), length, world, *fields, dy.data_ptr(), input.data_ptr(),
-            grad_in.data_ptr(), n, channels, s, nsc, threads, mean, _kernel.ptr(weight),
+            _kernel.ptr(grad_in), n, channels, s, nsc, threads, mean, _kernel.ptr(weight),
             _kernel.dtype_code(weight), count)
         if done == 0:
             _comm.verify_buffer(buffer, fields, tag, _comm.BACKWARD, ctx.process_group)  # raises

@@ -12,7 +12,7 @@ syncbn's synchronized pass has two implementations with the same results up to f
 ``SYNCBN_KERNEL`` picks: ``auto`` (default: fused where it applies and builds, else aten, with
 one warning saying why), ``fused`` (fused where it applies; an error if it cannot be built) or
 ``aten`` (never fused). The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
-``~/.cache/syncbn``; the compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with
+``~/.cache/syncbn`` (``<tmp>/syncbn-<uid>`` when that is not writable); the compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with
 ``-O3 -march=native -fopenmp`` (retried without ``-march=native``, then without OpenMP, if the
 compiler refuses them). The library file's name is a hash of the sources, flags, compiler
 version and CPU, so a cache shared by different machines keeps one build per kind of machine.
@@ -130,10 +130,23 @@ def build_info() -> dict[str, Any]:
 
 
 def _cache_dir() -> Path:
+    """The first usable of: ``SYNCBN_CACHE_DIR`` (only it, when set), ``$XDG_CACHE_HOME/syncbn``
+    or ``~/.cache/syncbn``, then ``<tmp>/syncbn-<uid>`` (a read-only home still gets a cache)."""
     if os.environ.get("SYNCBN_CACHE_DIR"):
-        return Path(os.environ["SYNCBN_CACHE_DIR"])
+        path = Path(os.environ["SYNCBN_CACHE_DIR"])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "syncbn"
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    for path in (Path(base) / "syncbn", Path(tempfile.gettempdir()) / f"syncbn-{uid}"):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            continue
+    raise OSError(f"no writable cache directory ({Path(base) / 'syncbn'}, or under "
+                  f"{tempfile.gettempdir()}); set SYNCBN_CACHE_DIR")
 
 
 def _compiler() -> str | None:
@@ -182,7 +195,6 @@ def _build_and_load() -> Any:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60,
                              check=False).stdout
     cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
     errors = []
     for optional in _OPTIONAL_FLAGS:
         flags = (*_BASE_FLAGS, *optional)
@@ -260,3 +272,17 @@ def suffix(dtype: torch.dtype) -> str:
 def ptr(t: torch.Tensor | None) -> int | None:
     """Address of a tensor's data (``None`` for an absent tensor, a NULL pointer in C)."""
     return None if t is None else t.data_ptr()
+
+
+def path_for(input: torch.Tensor, *params: torch.Tensor | None) -> str:
+    """Which implementation a synchronized pass on this input takes: ``"fused"`` or
+    ``"aten (<why>)"`` (for reports such as ``syncbn check``)."""
+    if mode() == "aten":
+        return "aten (SYNCBN_KERNEL=aten)"
+    if geometry(input, *params) is None:
+        return "aten (not a CPU float32/float64 contiguous or channels_last input)"
+    try:
+        lib = get()
+    except KernelUnavailable:
+        lib = None
+    return "fused" if lib is not None else "aten (kernel unavailable)"
