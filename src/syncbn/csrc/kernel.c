@@ -88,6 +88,21 @@ int syncbn_header_ok(const double *buf, i64 len, double world, i64 f0, i64 f1, i
   return header_ok(buf, len, world, f);
 }
 
+/* Rows [*r0, *r1) of R for the calling OpenMP thread (*t): whole blocks of B rows, split evenly
+ * and in order over the team. */
+static inline void thread_rows(i64 R, i64 B, i64 blocks, int *t, i64 *r0, i64 *r1) {
+  int nth = 1;
+  *t = 0;
+#ifdef _OPENMP
+  *t = omp_get_thread_num();
+  nth = omp_get_num_threads();
+#endif
+  i64 per = (blocks + nth - 1) / nth;
+  *r0 = *t * per * B;
+  *r1 = (*t + 1) * per * B;
+  if (*r1 > R) *r1 = R;
+}
+
 /* Not worth waking threads for fewer values than this (torch uses a similar grain). */
 static int threads_for(i64 numel, int nt) {
   if (nt < 1 || numel < 32768) return 1;

@@ -180,13 +180,9 @@ int SFX(syncbn_forward_reduce)(const T *x, i64 N, i64 C, i64 S, int nsc, int nt,
   memset(acc, 0, sizeof(double) * (size_t)(nt * (2 * C + 1)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    int t = 0, nth = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    nth = omp_get_num_threads();
-#endif
-    i64 per = (blocks + nth - 1) / nth, r0 = t * per * B, r1 = (t + 1) * per * B;
-    if (r1 > R) r1 = R;
+    int t;
+    i64 r0, r1;
+    thread_rows(R, B, blocks, &t, &r0, &r1);
     double *mine = acc + t * (2 * C + 1);
     if (r0 < r1)
       SFX(rows_moments_nsc)(x, C, r0, r1, B, mine + 2 * C, mine, mine + C, scratch + t * 3 * C);
@@ -296,13 +292,9 @@ int SFX(syncbn_backward_reduce)(const T *dy, const T *x, i64 N, i64 C, i64 S, in
     }
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-      int t = 0, nth = 1;
-#ifdef _OPENMP
-      t = omp_get_thread_num();
-      nth = omp_get_num_threads();
-#endif
-      i64 per = (blocks + nth - 1) / nth, r0 = t * per * B, r1 = (t + 1) * per * B;
-      if (r1 > R) r1 = R;
+      int t;
+      i64 r0, r1;
+      thread_rows(R, B, blocks, &t, &r0, &r1);
       double *mine = acc + t * 2 * C;
       T *m = scratch + t * 3 * C, *a = m + C, *b = m + 2 * C;
       for (i64 c = 0; c < C; ++c) m[c] = (T)mean[c];
