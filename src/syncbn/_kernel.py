@@ -12,10 +12,11 @@ syncbn's synchronized pass has two implementations with the same results up to f
 ``SYNCBN_KERNEL`` picks: ``auto`` (default: fused where it applies and builds, else aten, with
 one warning saying why), ``fused`` (fused where it applies; an error if it cannot be built) or
 ``aten`` (never fused). The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
-``~/.cache/syncbn`` (``<tmp>/syncbn-<uid>`` when that is not writable); the compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with
-``-O3 -march=native -fopenmp`` (retried without ``-march=native``, then without OpenMP, if the
-compiler refuses them). The library file's name is a hash of the sources, flags, compiler
-version and CPU, so a cache shared by different machines keeps one build per kind of machine.
+``~/.cache/syncbn`` (``<tmp>/syncbn-<uid>`` when that is not writable); the compiler is ``$CC``,
+else ``cc``/``gcc``/``clang``, with ``-O3 -march=native -fopenmp`` (retried without
+``-march=native``, then without OpenMP, if the compiler refuses them). The library file's name
+is a hash of the sources, flags, compiler version and CPU, so a cache shared by different
+machines keeps one build per kind of machine.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import torch
 
 from . import _settings
 
-__all__ = ["KernelUnavailable", "build_info", "dtype_code", "get", "mode"]
+__all__ = ["KernelUnavailable", "build_info", "dtype_code", "geometry", "get", "layout_of", "mode",
+           "path_for", "ptr", "suffix"]
 
 log = logging.getLogger("syncbn")
 
@@ -162,7 +164,8 @@ def _cpu_id() -> str:
     """What -march=native depends on: the CPU model and feature flags."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        keys = ("model name", "flags", "Features")
+        lines = [ln for ln in text.splitlines() if ln.startswith(keys)]
         return "\n".join(sorted(set(lines)))
     except OSError:
         return platform.processor()

@@ -625,8 +625,9 @@ def run(args: argparse.Namespace) -> int:
                     print(f"per layer, W={world}, {t} thread(s) ...", file=sys.stderr, flush=True)
                     rows += _merge_layer_rows(_launch(world, "layers", opts | {"threads": t}))
             report["layers"] = rows
-            print("\n1. Per layer: forward + backward, median ms (slowest rank), T threads per rank;"
-                  "\n   compute = syncbn minus the time spent in its two collectives (in-situ coll),"
+            print("\n1. Per layer: forward + backward, median ms (slowest rank), T threads per "
+                  "rank;\n   compute = syncbn minus the time spent in its two collectives "
+                  "(in-situ coll),"
                   "\n   all_reduce = one plain all_reduce of the same buffer; W=1: syncbn = its "
                   "synchronized Function\n   over a 1-rank group, fallback = the module (plain BN)"
                   "; aten path = syncbn with SYNCBN_KERNEL=aten\n")
