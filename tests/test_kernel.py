@@ -478,3 +478,29 @@ def test_build_once_then_load_from_cache(tmp_path):
     assert second["available"] and second["compiled"] is False, second
     assert second["path"] == first["path"], (first, second)
     assert second["seconds"] < first["seconds"], (first, second)
+
+
+def test_kernel_command_builds_then_loads_and_reports_failure(tmp_path):
+    """``syncbn kernel`` builds into the cache, then loads from it; without a compiler it exits 1."""
+    def kernel_cli(*args, **env_extra):
+        env = {**os.environ, "SYNCBN_CACHE_DIR": str(tmp_path / "cache"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+               **env_extra}
+        return subprocess.run([sys.executable, "-m", "syncbn", "kernel", *args], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    if shutil.which(os.environ.get("CC") or "cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: the kernel cannot be built")
+    first = kernel_cli()
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.startswith("syncbn kernel: built "), first.stdout
+    print(first.stdout.strip())
+    second = kernel_cli()
+    assert second.returncode == 0 and "loaded from the cache" in second.stdout, second.stdout
+    assert first.stdout.split()[3] == second.stdout.split()[6]  # the same file
+    rebuilt = kernel_cli("--rebuild")
+    assert rebuilt.returncode == 0 and rebuilt.stdout.startswith("syncbn kernel: built "), rebuilt
+    broken = kernel_cli(CC="/nonexistent/cc", SYNCBN_CACHE_DIR=str(tmp_path / "other"))
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "fused CPU kernel is unavailable" in broken.stderr and "/nonexistent/cc" in broken.stderr
+    assert "RuntimeWarning" not in broken.stderr  # said once, as the error

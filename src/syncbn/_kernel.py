@@ -21,6 +21,7 @@ machines keeps one build per kind of machine.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -28,10 +29,12 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +42,8 @@ import torch
 
 from . import _settings
 
-__all__ = ["KernelUnavailable", "build_info", "dtype_code", "geometry", "get", "layout_of", "mode",
-           "path_for", "ptr", "suffix"]
+__all__ = ["KernelUnavailable", "add_parser", "build_info", "dtype_code", "geometry", "get",
+           "layout_of", "mode", "path_for", "ptr", "suffix"]
 
 log = logging.getLogger("syncbn")
 
@@ -189,6 +192,37 @@ def _load() -> None:
                  "built" if _state["compiled"] else "loaded", _state["path"], _state["seconds"])
 
 
+def _compile(cc: str, flags: tuple[str, ...], source: Path, path: Path) -> str | None:
+    """Compile ``source`` into ``path`` (atomically); the compiler's complaint, or None."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        cmd = [cc, *flags, "-o", str(out), str(source)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        if proc.returncode != 0:
+            return f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}"
+        os.replace(out, path)  # atomic: a reader never sees half a file
+    return None
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<path>.lock`` where the platform has one (else no lock: ranks
+    may then each build once, harmlessly). Released when the holder finishes or dies."""
+    fd = None
+    try:
+        import fcntl
+
+        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the flock
+
+
 def _build_and_load() -> Any:
     here = Path(__file__).with_name("csrc")
     sources = b"".join((here / name).read_bytes() for name in _SOURCES)
@@ -204,16 +238,17 @@ def _build_and_load() -> Any:
         key = hashlib.sha256(b"\0".join([sources, " ".join(flags).encode(), version.encode(),
                                          _cpu_id().encode(), platform.machine().encode()]))
         path = cache / f"kernel-{key.hexdigest()[:20]}.so"
+        if _state.get("rebuild") and path.exists():
+            with _build_lock(path):
+                path.unlink(missing_ok=True)
         if not path.exists():
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                out = Path(tmp) / path.name
-                cmd = [cc, *flags, "-o", str(out), str(here / "kernel.c")]
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-                if proc.returncode != 0:
-                    errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}")
-                    continue
-                os.replace(out, path)  # atomic: ranks building at once all get a whole file
-                _state["compiled"] = True
+            with _build_lock(path):  # ranks starting together: one builds, the others wait
+                if not path.exists():
+                    error = _compile(cc, flags, here / "kernel.c", path)
+                    if error:
+                        errors.append(error)
+                        continue
+                    _state["compiled"] = True
         lib = ctypes.CDLL(str(path))
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(lib, name)
@@ -289,3 +324,34 @@ def path_for(input: torch.Tensor, *params: torch.Tensor | None) -> str:
     except KernelUnavailable:
         lib = None
     return "fused" if lib is not None else "aten (kernel unavailable)"
+
+
+def add_parser(subparsers: Any) -> Any:
+    """Add the ``kernel`` subcommand to ``syncbn``'s subparsers; returns its parser."""
+    p = subparsers.add_parser(
+        "kernel", help="build syncbn's fused CPU kernel now (or find it in the cache) and say where",
+        description="Build syncbn's fused CPU kernel with the system C compiler, or load it from "
+        "the cache, and print where it is, how long that took and with which flags: run it once "
+        "in a container image or on a shared file system so that training processes only load "
+        "it. Honors CC and SYNCBN_CACHE_DIR (see docs/troubleshooting.md).",
+        epilog="Exit status: 0 the kernel is available, 1 it cannot be built (the reason is "
+        "printed; syncbn then uses its plain ATen path).")
+    p.add_argument("--rebuild", action="store_true", help="build it again even if it is cached")
+    p.set_defaults(run=_run_cli)
+    return p
+
+
+def _run_cli(args: Any) -> int:
+    _state["rebuild"] = bool(args.rebuild)
+    with _lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the error is printed below instead
+        _load()
+    info = build_info()
+    if not info["available"]:
+        print(f"syncbn kernel: {info['error']}; syncbn will use its plain ATen path",
+              file=sys.stderr)
+        return 1
+    how = "built" if info["compiled"] else "loaded from the cache"
+    took = f"{info['seconds']:.2f} s" if info["seconds"] >= 0.1 else f"{info['seconds'] * 1e3:.1f} ms"
+    print(f"syncbn kernel: {how} {info['path']} in {took} (flags: {info['flags']})")
+    return 0
