@@ -1,8 +1,7 @@
 /* The type-generic kernels of kernel.c, included once per dtype with T (float or double) and
  * SFX(name) (name_f32 or name_f64) defined. See kernel.c for layouts, numerics and the buffer. */
 
-/* Sums over `rows` rows of S values `stride` apart, in one vector of accumulators (one
- * horizontal sum per call, not per row): sum(p); and with `k`, sum(p - k) and sum((p - k)^2). */
+/* GCC/clang vector extensions: VL lanes of T, loaded unaligned with memcpy. */
 typedef T SFX(vec) __attribute__((vector_size(VBYTES)));
 #define VL ((i64)(VBYTES / sizeof(T)))
 
@@ -12,6 +11,8 @@ static inline T SFX(hsum)(SFX(vec) v) {
   return t;
 }
 
+/* Sums over `rows` rows of S values `stride` apart, in one vector of accumulators (one
+ * horizontal sum per call, not per row): sum(p); and with `k`, sum(p - k) and sum((p - k)^2). */
 static inline T SFX(rows_sum)(const T *p, i64 stride, i64 rows, i64 S) {
   SFX(vec) acc = {0};
   T tail = 0;
@@ -49,6 +50,7 @@ static inline void SFX(rows_centered)(const T *p, i64 stride, i64 rows, i64 S, T
   *s1 = SFX(hsum)(a1) + t1;
   *s2 = SFX(hsum)(a2) + t2;
 }
+
 /* sum(dy) and sum(dy * (x - m)) over `rows` rows of S values `stride` apart. */
 static inline void SFX(rows_dot)(const T *dy, const T *x, i64 stride, i64 rows, i64 S, T m,
                                  T *sdy, T *sdyx) {
