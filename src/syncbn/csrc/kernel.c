@@ -103,10 +103,13 @@ static inline void thread_rows(i64 R, i64 B, i64 blocks, int *t, i64 *r0, i64 *r
   if (*r1 > R) *r1 = R;
 }
 
-/* Not worth waking threads for fewer values than this (torch uses a similar grain). */
+/* Threads for a pass over numel values: at most one per GRAIN values (torch's grain size for
+ * its own CPU kernels), at most nt, at least 1. */
+#define GRAIN 32768
 static int threads_for(i64 numel, int nt) {
-  if (nt < 1 || numel < 32768) return 1;
-  return nt;
+  i64 most = numel / GRAIN;
+  if (nt < 1 || most < 2) return 1;
+  return most < nt ? (int)most : nt;
 }
 
 /* After the forward collective: check the header, then global mean/invstd (float64) and the
