@@ -87,7 +87,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._spawn import SpawnFailure, run_spawned
+from ._spawn import SpawnFailure, leave, run_spawned
 
 FULL_SHAPES = ("2x64x56x56,2x128x28x28,2x256x14x14,2x512x7x7,2x2048x7x7,"
                "8x64x56x56,8x128x28x28,8x256x14x14,8x512x7x7,8x2048x7x7,64x1024,cl:2x64x56x56")
@@ -465,12 +465,7 @@ def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: s
         torch.save(result, f"{result_path}.{rank}")
     finally:
         dist.destroy_process_group()
-    # Done: leave without the interpreter's teardown, where torch 2.13 sometimes aborts
-    # ("terminate called without an active exception") after the textbook contender's
-    # autograd-aware all_reduce in ranks bound to one core each (seen here).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()  # done and saved: skip the interpreter's teardown (see _spawn.leave)
 
 
 def _launch(world: int, task: str, opts: dict[str, Any]) -> list[dict]:

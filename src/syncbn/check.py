@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._spawn import SpawnFailure, run_spawned
+from ._spawn import SpawnFailure, leave, run_spawned
 
 __all__ = ["TOLERANCES", "add_parser", "run", "shard_sizes"]
 
@@ -364,6 +364,7 @@ def _spawned_rank(rank: int, world_size: int, store_path: str, result_path: str,
                 json.dump(rows, f)
     finally:
         dist.destroy_process_group()  # no barrier: a failed rank must not wait for the others
+    leave()  # done and saved: skip the interpreter's teardown (see _spawn.leave)
 
 
 _Failure = SpawnFailure  # a rank failed or timed out; the message says which and why

@@ -97,7 +97,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._spawn import SpawnFailure, run_spawned
+from ._spawn import SpawnFailure, leave, run_spawned
 
 __all__ = ["CONFIGS", "NOISE_FACTOR", "TOLERANCES", "add_parser", "check_exactness", "make_model",
            "run"]
@@ -448,6 +448,7 @@ def _spawned_rank(rank: int, world_size: int, store_path: str, data_path: str, r
             torch.save(results, result_path)
     finally:
         dist.destroy_process_group()  # no barrier: a failed rank must not wait for the others
+    leave()  # done and saved: skip the interpreter's teardown (see _spawn.leave)
 
 
 # --------------------------------------------------------------------------- launching
