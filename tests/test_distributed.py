@@ -88,6 +88,15 @@ def test_channels_last(tmp_path, layer, tail, fmt, device):
     _run(workers.exactness, 2, tmp_path, cfg, device)
 
 
+@pytest.mark.parametrize("dtype,layout", [("float32", None), ("float64", "channels_last")])
+def test_ranks_on_different_paths_agree(tmp_path, dtype, layout):
+    """A rank on the fused kernel and ranks on the ATen path (e.g. a node without a compiler)
+    share one collective: their buffers have the same layout, and the result is exact."""
+    cfg = {"sizes": [3, 2, 4], "tail": (3, 4, 5), "dtype": dtype, "layer": "2d", "steps": 2,
+           "kernels": ["fused", "aten", "fused"], "memory_format": layout}
+    _run(workers.exactness, 3, tmp_path, cfg)
+
+
 def test_large_mean_over_std_float32(tmp_path):
     """mean/std = 1e4 in float32: no catastrophic cancellation in the variance."""
     cfg = {"sizes": [40, 24], "tail": (3, 8, 8), "dtype": "float32", "layer": "2d",

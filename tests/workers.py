@@ -43,7 +43,13 @@ def _group(cfg: dict[str, Any], rank: int) -> tuple[Any, list[int]]:
 
 
 def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Forward/backward ``steps`` times on shard ``sizes[rank]`` and compare with the reference."""
+    """Forward/backward ``steps`` times on shard ``sizes[rank]`` and compare with the reference.
+
+    ``cfg["kernels"]``, when given, is ``SYNCBN_KERNEL`` per rank (ranks on different paths)."""
+    if cfg.get("kernels"):
+        import os
+
+        os.environ["SYNCBN_KERNEL"] = cfg["kernels"][rank]
     dtype = DTYPES[cfg.get("dtype", "float64")]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     tail = tuple(cfg["tail"])
