@@ -52,6 +52,7 @@ def _child(rank: int, world_size: int, store_path: str, backend: str, device: st
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout))
+        _all_joined(store, world_size, pg_timeout)
         try:
             value = worker(rank, world_size, *args)
         finally:
@@ -60,6 +61,19 @@ def _child(rank: int, world_size: int, store_path: str, backend: str, device: st
         results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, "error", traceback.format_exc()))
+
+
+def _all_joined(store: Any, world_size: int, timeout: float) -> None:
+    """Wait (through the store, not the backend) until every rank has finished
+    ``init_process_group``: a rank whose worker fails at once and exits must not close its
+    connections while another rank is still making them (gloo's connectFullMesh then fails with
+    "Connection closed by peer" in that rank's init, instead of the error under test)."""
+    store.add("joined", 1)
+    deadline = time.monotonic() + timeout
+    while store.add("joined", 0) < world_size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every rank finished init_process_group within {timeout:g}s")
+        time.sleep(0.005)
 
 
 class _Pool:

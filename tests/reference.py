@@ -24,14 +24,36 @@ TOLERANCES = {
 }
 
 
-def assert_matches(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str) -> None:
-    """``actual`` (any dtype) equals the float64 ``expected`` to ``dtype``'s tolerance."""
+def assert_matches(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str,
+                   floor: float = 0.0) -> None:
+    """``actual`` (any dtype) equals the float64 ``expected`` to ``dtype``'s tolerance, or to
+    twice ``floor`` where that is larger: ``floor`` is the error torch's own BatchNorm makes in
+    ``dtype`` on the same global batch (see :func:`torch_grad_input_error`), for quantities that
+    no ``dtype`` computation can get within the nominal tolerance."""
     rtol, atol = TOLERANCES[dtype]
     scale = float(expected.abs().max()) if expected.numel() else 1.0
     torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=rtol, atol=atol * max(scale, 1.0),
-        msg=lambda m: f"{what} ({dtype}): {m}",
+        actual.double(), expected.double(), rtol=rtol,
+        atol=max(atol * max(scale, 1.0), 2.0 * floor),
+        msg=lambda m: f"{what} ({dtype}; torch's own {dtype} error here: {floor:.2e}): {m}",
     )
+
+
+def torch_grad_input_error(shards: list[Tensor], grads: list[Tensor], weight: Tensor | None,
+                           bias: Tensor | None, eps: float, expected_dx: Tensor) -> float:
+    """Max |grad_input - expected| of torch's own (unsynchronized) BatchNorm in the shards'
+    dtype on ``torch.cat(shards)``: the drop-in standard syncbn is held to where the float64
+    answer is ill-conditioned in that dtype. Example: a global batch of 2 values per channel
+    with a small spread, where grad_input is a small difference of large terms; torch's float32
+    BatchNorm is then off by ~2e-5 absolute (seen: 2.25e-5, and syncbn 2.27e-5)."""
+    x = torch.cat(shards).detach().clone().requires_grad_()
+    dtype = x.dtype
+    w = None if weight is None else weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    y = F.batch_norm(x, None, None, w, b, training=True, eps=eps)
+    y.backward(torch.cat(grads).to(dtype))
+    assert x.grad is not None
+    return float((x.grad.double() - expected_dx.double()).abs().max()) if x.numel() else 0.0
 
 
 def make_data(sizes: list[int], tail: tuple[int, ...], dtype: torch.dtype, seed: int,

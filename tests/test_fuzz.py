@@ -42,6 +42,10 @@ def cases(draw):
           "seed": 0, "fault": "dim", "bad_rank": 0})
 @example({"sizes": [0, 1], "tail": (2, 1), "dtype": "float64", "layer": "generic", "steps": 1,
           "seed": 0, "fault": None, "bad_rank": 0})
+# float32 grad_input that float32 cannot get within 1e-5 (2 values, small spread): found by this
+# test; syncbn 2.27e-5, torch's own float32 BatchNorm 2.25e-5, so held to torch's error
+@example({"sizes": [0, 0, 2], "tail": (1,), "dtype": "float32", "layer": "generic", "steps": 1,
+          "seed": 679, "fault": None, "bad_rank": 0})
 def test_random_cases_match_the_reference_or_fail_loudly(case):
     world = len(case["sizes"])
     values = math.prod(case["tail"][1:]) * sum(case["sizes"])

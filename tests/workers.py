@@ -17,7 +17,8 @@ from torch import nn
 import syncbn
 from syncbn.functional import sync_batch_norm
 
-from reference import DTYPES, assert_matches, make_data, make_params, reference_steps
+from reference import (DTYPES, assert_matches, make_data, make_params, reference_steps,
+                       torch_grad_input_error)
 
 LAYERS = {"1d": syncbn.SyncBatchNorm1d, "2d": syncbn.SyncBatchNorm2d,
           "3d": syncbn.SyncBatchNorm3d, "generic": syncbn.SyncBatchNorm}
@@ -68,6 +69,12 @@ def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]
                           weight if affine else None, bias if affine else None,
                           steps, momentum, eps, track)
     me = members.index(rank)
+    # float32 grad_input: held to torch's own float32 BatchNorm where that is worse than 1e-5
+    floor = 0.0
+    if dtype == torch.float32 and sum(sizes[r] for r in members) * math.prod(tail[1:]) > 1:
+        floor = torch_grad_input_error([shards[r] for r in members], [grads[r] for r in members],
+                                       weight if affine else None, bias if affine else None, eps,
+                                       torch.cat(ref[0]["dx"]))
 
     kind = cfg.get("layer", "2d")
     if kind == "functional":
@@ -110,7 +117,7 @@ def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]
         exp = ref[step]
         where = f"rank {rank} step {step}"
         assert_matches(y.cpu(), exp["y"][me], dtype, f"{where} output")
-        assert_matches(x.grad.cpu(), exp["dx"][me], dtype, f"{where} grad_input")
+        assert_matches(x.grad.cpu(), exp["dx"][me], dtype, f"{where} grad_input", floor)
         if affine:
             for p, key in zip(params, ("dw", "db")):
                 total = p.grad.detach().clone()
