@@ -49,7 +49,7 @@ log = logging.getLogger("syncbn")
 
 MODES = ("auto", "fused", "aten")
 _SOURCES = ("kernel.c", "kernel_body.h")
-_VERSION = 2  # must match syncbn_kernel_version() in kernel.c
+_VERSION = 3  # must match syncbn_kernel_version() in kernel.c
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 _OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 _lock = threading.Lock()
@@ -58,31 +58,19 @@ _state: dict[str, Any] = {"tried": False, "lib": None, "error": None, "seconds":
 
 i64, c_int, c_double, c_void_p = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
 _FIELDS6 = [i64] * 6
-_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
-    "syncbn_kernel_version": (c_int, []),
-    "syncbn_forward_finish": (c_double, [c_void_p, i64, i64, c_double, *_FIELDS6, c_double,
-                                         c_double, c_void_p, c_int, c_void_p, c_int, c_int,
-                                         c_void_p, c_void_p]),
-    "syncbn_backward_check": (c_int, [c_void_p, i64, c_double, *_FIELDS6]),
-}
-for _sfx in ("f32", "f64"):
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {"syncbn_kernel_version": (c_int, [])}
+for _sfx in ("f32", "f64"):  # the four calls of a forward + backward, per data dtype
     _SIGNATURES.update({
         f"syncbn_forward_reduce_{_sfx}": (c_int, [c_void_p, i64, i64, i64, c_int, c_int, c_void_p,
                                                   i64, *_FIELDS6]),
-        f"syncbn_normalize_{_sfx}": (c_int, [c_void_p, c_void_p, i64, i64, i64, c_int, c_int,
-                                             c_void_p, c_void_p, c_void_p, c_int, c_void_p,
-                                             c_int]),
-        f"syncbn_backward_reduce_{_sfx}": (c_int, [c_void_p, c_void_p, i64, i64, i64, c_int,
-                                                   c_int, c_void_p, c_void_p, c_void_p, i64,
-                                                   *_FIELDS6, c_void_p, c_int, c_void_p, c_int]),
-        f"syncbn_backward_input_{_sfx}": (c_int, [c_void_p, c_void_p, c_void_p, i64, i64, i64,
-                                                  c_int, c_int, c_void_p, c_void_p, c_void_p,
-                                                  c_int, c_void_p, c_double]),
         f"syncbn_forward_apply_{_sfx}": (c_double, [c_void_p, i64, c_double, *_FIELDS6, c_double,
                                                     c_double, c_void_p, c_int, c_void_p, c_int,
                                                     c_int, c_void_p, c_void_p, c_void_p, i64, i64,
                                                     i64, c_int, c_int, c_void_p, c_int, c_void_p,
                                                     c_int]),
+        f"syncbn_backward_reduce_{_sfx}": (c_int, [c_void_p, c_void_p, i64, i64, i64, c_int,
+                                                   c_int, c_void_p, c_void_p, c_void_p, i64,
+                                                   *_FIELDS6, c_void_p, c_int, c_void_p, c_int]),
         f"syncbn_backward_apply_{_sfx}": (c_int, [c_void_p, i64, c_double, *_FIELDS6, c_void_p,
                                                   c_void_p, c_void_p, i64, i64, i64, c_int, c_int,
                                                   c_void_p, c_void_p, c_int, c_double]),
@@ -174,10 +162,10 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _load() -> None:
+def _load(rebuild: bool = False) -> None:
     start = time.perf_counter()
     try:
-        _state["lib"] = _build_and_load()
+        _state["lib"] = _build_and_load(rebuild)
     except Exception as e:  # noqa: BLE001 - no compiler, a compile error, an unwritable cache
         _state["error"] = f"the fused CPU kernel is unavailable ({type(e).__name__}: {e})"
         if mode() == "auto":
@@ -223,7 +211,7 @@ def _build_lock(path: Path) -> Iterator[None]:
             os.close(fd)  # closing releases the flock
 
 
-def _build_and_load() -> Any:
+def _build_and_load(rebuild: bool) -> Any:
     here = Path(__file__).with_name("csrc")
     sources = b"".join((here / name).read_bytes() for name in _SOURCES)
     cc = _compiler()
@@ -232,13 +220,14 @@ def _build_and_load() -> Any:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60,
                              check=False).stdout
     cache = _cache_dir()
+    machine = f"{_cpu_id()}\n{platform.machine()}".encode()
     errors = []
     for optional in _OPTIONAL_FLAGS:
         flags = (*_BASE_FLAGS, *optional)
         key = hashlib.sha256(b"\0".join([sources, " ".join(flags).encode(), version.encode(),
-                                         _cpu_id().encode(), platform.machine().encode()]))
+                                         machine]))
         path = cache / f"kernel-{key.hexdigest()[:20]}.so"
-        if _state.get("rebuild") and path.exists():
+        if rebuild and path.exists():
             with _build_lock(path):
                 path.unlink(missing_ok=True)
         if not path.exists():
@@ -342,10 +331,9 @@ def add_parser(subparsers: Any) -> Any:
 
 
 def _run_cli(args: Any) -> int:
-    _state["rebuild"] = bool(args.rebuild)
     with _lock, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the error is printed below instead
-        _load()
+        _load(rebuild=args.rebuild)
     info = build_info()
     if not info["available"]:
         print(f"syncbn kernel: {info['error']}; syncbn will use its plain ATen path",

@@ -38,7 +38,7 @@ enum { POLICY_PROPAGATE = 0, POLICY_SKIP = 1, POLICY_RAISE = 2 };
 #define VBYTES 32             /* vector width of the NCS sums (AVX2; GCC vector extensions) */
 #define NSC_BLOCK_BYTES 65536 /* bytes of rows per block in the NSC statistics */
 
-int syncbn_kernel_version(void) { return 2; }
+int syncbn_kernel_version(void) { return 3; }
 
 static inline double load(const void *p, int code, i64 i) {
   if (code == DT_F32) return (double)((const float *)p)[i];
@@ -82,12 +82,6 @@ static int header_ok(const double *buf, i64 len, double world, const i64 *f) {
   return 1;
 }
 
-int syncbn_header_ok(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2, i64 f3,
-                     i64 f4, i64 f5) {
-  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
-  return header_ok(buf, len, world, f);
-}
-
 /* Rows [*r0, *r1) of R for the calling OpenMP thread (*t): whole blocks of B rows, split evenly
  * and in order over the team. */
 static inline void thread_rows(i64 R, i64 B, i64 blocks, int *t, i64 *r0, i64 *r1) {
@@ -117,11 +111,10 @@ static int threads_for(i64 numel, int nt) {
  * new value keeps the old one under POLICY_SKIP).
  * Returns the global count, -1 for a non-finite statistic under POLICY_RAISE (nothing updated),
  * -2 for a header mismatch (nothing computed). */
-double syncbn_forward_finish(const double *buf, i64 len, i64 C, double world, i64 f0, i64 f1,
-                             i64 f2, i64 f3, i64 f4, i64 f5, double eps, double momentum,
-                             void *rmean, int rmean_code, void *rvar, int rvar_code, int policy,
-                             double *mean_out, double *invstd_out) {
-  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
+static double forward_finish(const double *buf, i64 len, i64 C, double world, const i64 *f,
+                             double eps, double momentum, void *rmean, int rmean_code,
+                             void *rvar, int rvar_code, int policy, double *mean_out,
+                             double *invstd_out) {
   if (!header_ok(buf, len, world, f)) return -2.0;
   const double *sum_x = buf + 1, *sum_x2 = buf + 1 + C;
   double n = buf[1 + 2 * C];
@@ -149,13 +142,6 @@ double syncbn_forward_finish(const double *buf, i64 len, i64 C, double world, i6
     }
   }
   return n;
-}
-
-/* After the backward collective: 1 when the header agrees, else 0. */
-int syncbn_backward_check(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2,
-                          i64 f3, i64 f4, i64 f5) {
-  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
-  return header_ok(buf, len, world, f);
 }
 
 #define T float

@@ -130,15 +130,14 @@ static void SFX(rows_moments_nsc)(const T *x, i64 C, i64 r0, i64 r1, i64 B, doub
         s2[c] += d * d;
       }
     }
-    double nb = (double)rows, n = *na + nb, w = nb / n;
+    double nb = (double)rows;
     for (i64 c = 0; c < C; ++c) {
       double bm = (double)k[c] + (double)s1[c] / nb;
       double bq = (double)s2[c] - (double)s1[c] * (double)s1[c] / nb;
-      double d = bm - ma[c];
-      ma[c] += d * w;
-      qa[c] += (bq < 0.0 ? 0.0 : bq) + d * d * (*na) * w;
+      double n = *na; /* every channel has the same count */
+      merge(&n, ma + c, qa + c, nb, bm, bq < 0.0 ? 0.0 : bq);
     }
-    *na = n;
+    *na += nb;
   }
 }
 
@@ -191,14 +190,11 @@ int SFX(syncbn_forward_reduce)(const T *x, i64 N, i64 C, i64 S, int nsc, int nt,
   }
   for (int t = 1; t < nt; ++t) { /* in thread order: deterministic for a given nt */
     double *a = acc, *b = acc + t * (2 * C + 1);
-    double nb = b[2 * C], tot = a[2 * C] + nb;
-    if (nb <= 0.0) continue;
     for (i64 c = 0; c < C; ++c) {
-      double d = b[c] - a[c];
-      a[c] += d * (nb / tot);
-      a[C + c] += b[C + c] + d * d * a[2 * C] * (nb / tot);
+      double n = a[2 * C];
+      merge(&n, a + c, a + C + c, b[2 * C], b[c], b[C + c]);
     }
-    a[2 * C] = tot;
+    a[2 * C] += b[2 * C];
   }
   for (i64 c = 0; c < C; ++c) {
     sum_x[c] = n * acc[c];
@@ -218,7 +214,7 @@ static inline void SFX(affine)(i64 c, const double *mean, const double *invstd, 
 }
 
 /* y = (x - mean) * invstd * weight + bias. Returns 0, or -1 when out of memory. */
-int SFX(syncbn_normalize)(const T *x, T *y, i64 N, i64 C, i64 S, int nsc, int nt,
+static int SFX(normalize)(const T *x, T *y, i64 N, i64 C, i64 S, int nsc, int nt,
                           const double *mean, const double *invstd, const void *w, int wc,
                           const void *b, int bc) {
   nt = threads_for(N * C * S, nt);
@@ -355,7 +351,7 @@ static inline void SFX(grad_coef)(i64 c, i64 C, const double *mean, const double
 /* dx = weight * invstd * (dy - sum(dy)/n - xhat * sum(dy * xhat)/n) with the global sums
  * (the reduced payload [sum(dy) (C), sum(dy * xhat) (C)]) and global count n.
  * Returns 0, or -1 when out of memory. */
-int SFX(syncbn_backward_input)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 S, int nsc,
+static int SFX(backward_input)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64 S, int nsc,
                                int nt, const double *mean, const double *invstd, const void *w,
                                int wc, const double *sums, double count) {
   nt = threads_for(N * C * S, nt);
@@ -387,19 +383,20 @@ int SFX(syncbn_backward_input)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64
   return 0;
 }
 
-/* After the forward collective, in one call: syncbn_forward_finish (header check, mean and invstd
+/* After the forward collective, in one call: forward_finish (header check, mean and invstd
  * into stats[0..C) and stats[C..2C), running statistics), then, unless it returned an error or
- * a global count of 1, the normalization of x into y. Returns what syncbn_forward_finish does,
- * or -3 when out of memory. */
+ * a global count of 1, the normalization of x into y. Returns what forward_finish does, or -3
+ * when out of memory. */
 double SFX(syncbn_forward_apply)(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2,
                                  i64 f3, i64 f4, i64 f5, double eps, double momentum, void *rmean,
                                  int rmean_code, void *rvar, int rvar_code, int policy,
                                  double *stats, const T *x, T *y, i64 N, i64 C, i64 S, int nsc,
                                  int nt, const void *w, int wc, const void *b, int bc) {
-  double n = syncbn_forward_finish(buf, len, C, world, f0, f1, f2, f3, f4, f5, eps, momentum,
-                                   rmean, rmean_code, rvar, rvar_code, policy, stats, stats + C);
+  i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
+  double n = forward_finish(buf, len, C, world, f, eps, momentum, rmean, rmean_code, rvar,
+                            rvar_code, policy, stats, stats + C);
   if (n < 0.0 || n == 1.0) return n;
-  if (SFX(syncbn_normalize)(x, y, N, C, S, nsc, nt, stats, stats + C, w, wc, b, bc)) return -3.0;
+  if (SFX(normalize)(x, y, N, C, S, nsc, nt, stats, stats + C, w, wc, b, bc)) return -3.0;
   return n;
 }
 
@@ -411,8 +408,7 @@ int SFX(syncbn_backward_apply)(const double *buf, i64 len, double world, i64 f0,
                                int wc, double count) {
   i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
   if (!header_ok(buf, len, world, f)) return 0;
-  if (SFX(syncbn_backward_input)(dy, x, dx, N, C, S, nsc, nt, stats, stats + C, w, wc, buf + 1,
-                                 count))
+  if (SFX(backward_input)(dy, x, dx, N, C, S, nsc, nt, stats, stats + C, w, wc, buf + 1, count))
     return -1;
   return 1;
 }
