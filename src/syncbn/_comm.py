@@ -100,6 +100,10 @@ class LayerTag:
         _keys.setdefault(key, description)
         return LayerTag(key, description)
 
+    def passes(self, direction: int) -> int:
+        """The pass counter of ``direction`` (FORWARD or BACKWARD)."""
+        return self.forward if direction == FORWARD else self.backward
+
 
 def register_layer(channels: int) -> None:
     """Record a syncbn layer's channel count: buffers are padded to the widest one."""
@@ -150,7 +154,7 @@ _CAUSES = (
 
 def header_fields(tag: LayerTag, direction: int, channels: int) -> list[int]:
     """The integer fields of a pass's header: ones, layer key (low, high), pass, channels, direction."""
-    count = tag.forward if direction == FORWARD else tag.backward
+    count = tag.passes(direction)
     return [1, tag.key & 0xFFFF, tag.key >> 16, count % _FIELD_LIMIT, channels % _FIELD_LIMIT,
             direction]
 
@@ -179,12 +183,12 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
     elif buffer.device.type != "cuda":
         verify_buffer(buffer, fields, tag, direction, process_group)
     else:
-        checks = torch.cat([buffer[:1], buffer[length + 1:]])
+        checks = _header_of(buffer)
         host = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
         host.copy_(checks, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        count = tag.forward if direction == FORWARD else tag.backward
+        count = tag.passes(direction)
         _pending.append((event, host, fields, tag, direction, count, process_group))
     return buffer[1:1 + payload.numel()]
 
@@ -196,7 +200,7 @@ def all_reduce_buffer(buffer: Tensor, payload_size: int, tag: LayerTag, directio
     whose payload is ``buffer[1:1 + payload_size]``; errors are rewrapped naming the layer."""
     if not compiling():
         check_pending()
-    count = tag.forward if direction == FORWARD else tag.backward
+    count = tag.passes(direction)
     debug = debug_level()
     if debug:
         _debug_gather(buffer[1:1 + payload_size], tag, direction, channels, count,
@@ -223,9 +227,13 @@ def verify_buffer(buffer: Tensor, fields: list[int], tag: LayerTag, direction: i
                   process_group: Any | None = None) -> None:
     """Raise the out-of-step error if the reduced (host) buffer's header shows that the ranks
     were not all at the same layer, pass and direction."""
-    checks = torch.cat([buffer[:1], buffer[-2 * len(_FIELDS) - 1:]])
-    count = tag.forward if direction == FORWARD else tag.backward
-    _verify(checks, fields, group_size(process_group), tag, direction, count, process_group)
+    count = tag.passes(direction)
+    _verify(_header_of(buffer), fields, group_size(process_group), tag, direction, count, process_group)
+
+
+def _header_of(buffer: Tensor) -> Tensor:
+    """``[first sentinel, (f, f**2) per field..., last sentinel]`` of a (reduced) buffer."""
+    return torch.cat([buffer[:1], buffer[-2 * len(_FIELDS) - 1:]])
 
 
 def compiling() -> bool:
