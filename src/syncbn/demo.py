@@ -773,24 +773,23 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     allowed = np.maximum(tol["loss_per_step"], tol["noise_factor"] * env)
     ax_diff.plot(x[:len(allowed)], allowed, color="black", ls=":", lw=1.3,
                  label=f"allowed for syncbn ({report['dtype']})")
-    ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("train loss of the global batch (log scale)")
-    ax_loss.set_title(f"Train loss (faint: per step; lines: mean of {window} steps)")
-    ax_loss.grid(True, which="both", alpha=0.3)
-    ax_loss.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8.5)
-    ax_diff.set_yscale("log")
-    ax_diff.set_xlabel("step")
-    ax_diff.set_ylabel("|loss − loss of single| (log scale)")
-    ax_diff.set_title(f"Difference from 1 process × {world * b}, step by step")
-    ax_diff.grid(True, which="both", alpha=0.3)
-    ax_diff.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8.5)
-    ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("test accuracy (%)")
-    ax_acc.set_title(f"Test accuracy (eval mode, {report['data']['n_test']} test images)")
-    ax_acc.grid(True, alpha=0.3)
-    ax_acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8.5,
-                  title="final test accuracy", title_fontsize=8.5)
+    def finish(ax: Any, ylabel: str, heading: str, log: bool, **legend: Any) -> None:
+        """The labels, grid and legend (below the plot) every panel has."""
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(heading)
+        ax.grid(True, which="both" if log else "major", alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8.5, **legend)
+
+    finish(ax_loss, "train loss of the global batch (log scale)",
+           f"Train loss (faint: per step; lines: mean of {window} steps)", True, ncol=2)
+    finish(ax_diff, "|loss − loss of single| (log scale)",
+           f"Difference from 1 process × {world * b}, step by step", True, ncol=2)
+    finish(ax_acc, "test accuracy (%)",
+           f"Test accuracy (eval mode, {report['data']['n_test']} test images)", False, ncol=3,
+           title="final test accuracy", title_fontsize=8.5)
     s, lb = ex["syncbn_vs_single"], ex["local_bn_vs_single"]
     local = ("local-bn: not run (plain BatchNorm1d cannot train on 1 image per rank)" if lb is None
              else f"local-bn vs single: max |Δloss| {lb['max_abs_loss_diff']:.1e}, param diff "
