@@ -13,26 +13,18 @@ import torch
 from torch import nn
 
 import syncbn
+from workers import SmallNet
 
 
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.head = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+def small_net() -> nn.Module:
+    """Conv/BN2d x 2, pool, Linear/BN1d/Linear: 3 input channels, 4 classes."""
+    return SmallNet(cin=3, widths=(8, 8), hidden=16, classes=4)
 
 
 def trained_reverted() -> tuple[nn.Module, torch.Tensor]:
-    """A ConvNet converted to syncbn, trained 2 SGD steps, reverted, in eval mode; and an input."""
+    """A small_net() converted to syncbn, trained 2 SGD steps, reverted, in eval mode; and an input."""
     torch.manual_seed(0)
-    model = syncbn.convert_sync_batchnorm(ConvNet())
+    model = syncbn.convert_sync_batchnorm(small_net())
     assert sum(isinstance(m, syncbn.SyncBatchNorm) for m in model.modules()) == 3
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):

@@ -210,16 +210,21 @@ def uses_one_collective(rank: int, world_size: int, cfg: dict[str, Any]) -> dict
 
 
 class SmallNet(nn.Module):
-    """Conv -> BN -> ReLU -> Conv -> BN -> ReLU -> pool -> Linear, with a BatchNorm1d on features."""
+    """Conv -> BN -> ReLU -> Conv -> BN -> ReLU -> pool -> Linear, with a BatchNorm1d on features.
 
-    def __init__(self) -> None:
+    (Also the network of tests/test_export.py, with other sizes.)"""
+
+    def __init__(self, cin: int = 2, widths: tuple[int, int] = (6, 8), hidden: int = 8,
+                 classes: int = 3) -> None:
         super().__init__()
+        c1, c2 = widths
         self.features = nn.Sequential(
-            nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-            nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(cin, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1, stride=2), nn.BatchNorm2d(c2), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        self.head = nn.Sequential(nn.Linear(c2, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                  nn.Linear(hidden, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
