@@ -293,6 +293,8 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
         SyncBatchNormFunction.apply(x, sbn.weight, sbn.bias, f_rm, f_rv, EPS, MOMENTUM,
                                     group, tag).backward(dy)
 
+    kernel = os.environ.get("SYNCBN_KERNEL", "auto") or "auto"
+
     def on_aten_path(fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             os.environ["SYNCBN_KERNEL"] = "aten"
@@ -301,8 +303,6 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
             finally:
                 os.environ["SYNCBN_KERNEL"] = kernel
         return run
-
-    kernel = os.environ.get("SYNCBN_KERNEL", "auto") or "auto"
 
     def textbook() -> None:
         x.grad = None
@@ -325,9 +325,10 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     for k in ("syncbn", "syncbn_aten"):
         row[f"{k}_compute_ms"] = res[k]["compute_median_ms"]
         row[f"{k}_collective_ms"] = res[k]["collective_median_ms"]
-    fused = _kernel.geometry(x) is not None and _kernel.get() is not None
     return {"shape": spec["name"], "world_size": world, "rank": rank, "threads": opts["threads"],
-            "fused": fused, "buffer_numbers": buf.numel(), **row}
+            "fused": _kernel.path_for(x, sbn.weight, sbn.bias, sbn.running_mean,
+                                      sbn.running_var) == "fused",
+            "buffer_numbers": buf.numel(), **row}
 
 
 # --------------------------------------------------------------------------- end to end
