@@ -27,6 +27,22 @@ import torch
 import torch.distributed as dist
 
 PG_TIMEOUT_S = float(os.environ.get("SYNCBN_TEST_PG_TIMEOUT", "60"))
+SRC = Path(__file__).resolve().parents[1] / "src"
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def child_env(**overrides: str | None) -> dict[str, str]:
+    """Environment for a child ``python`` that runs syncbn from this checkout: ``src/`` first on
+    ``PYTHONPATH``, no torchrun variables (the child is not a torchrun rank), then ``overrides``
+    (a value of None removes the variable)."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
 # SYNCBN_KERNEL in the ranks (fused C kernel or plain ATen path): tests set it per call, or for a
 # whole module through the ``kernel`` fixture (conftest.py), which sets this default.
 KERNEL = "auto"

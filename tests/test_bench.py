@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).parent.parent / "src"
+import harness
 
 
 def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "syncbn", "bench", *args],
                           check=False, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+                          env=harness.child_env())
 
 
 @pytest.mark.timeout(150)

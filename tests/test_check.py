@@ -8,24 +8,20 @@ runs in ``test_torchrun.py``.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+import harness
 from syncbn.check import shard_sizes
-
-SRC = Path(__file__).parent.parent / "src"
 
 
 def _check(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "syncbn", "check", "--iters", "3", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout,
+                          env=harness.child_env())
 
 
 def _rows(stdout: str) -> dict[int, list[str]]:

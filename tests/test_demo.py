@@ -11,7 +11,6 @@ import gzip
 import importlib.util
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import harness
 from syncbn import demo
 from syncbn.__main__ import main
 from syncbn._demo_data import DataError, load_digits, load_idx_dir, read_idx
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.timeout(60)  # each test; the end-to-end runs set their
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHORT = ["--world-size", "2", "--batch-per-rank", "2", "--max-steps", "40", "--no-progress"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _need(*modules: str) -> None:
@@ -39,11 +38,7 @@ def _need(*modules: str) -> None:
 
 def _env() -> dict[str, str]:
     """Environment for a child `python -m syncbn`: the source tree first, one thread."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # not under torchrun
-        env.pop(k, None)
-    return env
+    return harness.child_env(OMP_NUM_THREADS="1")
 
 
 def _check_outputs(out: Path, steps: int, world: int, batch: int) -> dict:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,12 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from reference import assert_matches
+import harness
+from reference import assert_matches, make_data
 from syncbn import _comm, _function, _kernel
 
 pytestmark = pytest.mark.timeout(120)
 
-SRC = Path(__file__).parents[1] / "src"
 F64 = torch.float64
 KEYS = ("y", "dx", "dw", "db", "running_mean", "running_var")
 CL, CL3 = torch.channels_last, torch.channels_last_3d
@@ -75,14 +73,9 @@ def threads():
 
 
 def _data(shape, dtype, fmt=None, seed=0, mean=0.0, std=1.0):
-    """Input and upstream gradient, made in float64 and cast; per-channel offsets differ so a
-    kernel that mixes channels shows."""
-    g = torch.Generator().manual_seed(seed)
-    channels = shape[1]
-    offsets = torch.linspace(-1.0, 1.0, channels, dtype=F64).view(1, channels,
-                                                                    *[1] * (len(shape) - 2))
-    x = ((torch.randn(shape, generator=g, dtype=F64) + offsets) * std + mean).to(dtype)
-    dy = torch.randn(shape, generator=g, dtype=F64).to(dtype)
+    """Input and upstream gradient of ``shape`` (``reference.make_data``: per-channel offsets
+    differ, so a kernel that mixes channels shows), in memory format ``fmt``."""
+    (x,), (dy,) = make_data([shape[0]], tuple(shape[1:]), dtype, seed, mean=mean, std=std)
     if fmt is not None:
         x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
     return x, dy
@@ -396,14 +389,7 @@ _CHILD = textwrap.dedent("""
 
 def _child(tmp_path: Path, name: str, cache: Path, **env_vars: str | None):
     """Run _CHILD in a fresh interpreter; (process, its JSON report or None, its tensors path)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [env.get("PYTHONPATH")])])
-    env["SYNCBN_CACHE_DIR"] = str(cache)
-    for key, value in env_vars.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    env = harness.child_env(SYNCBN_CACHE_DIR=str(cache), **env_vars)
     out = tmp_path / f"{name}.pt"
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / f"{name}-store"), str(out)],
                           env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -458,9 +444,7 @@ def test_no_compiler_fused_raises(tmp_path):
 
 def test_build_once_then_load_from_cache(tmp_path):
     """A fresh cache: the first process compiles into it, the second loads it, faster."""
-    compiler = os.environ.get("CC") or next(
-        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if compiler is None:
+    if _kernel._compiler() is None:
         pytest.skip("no C compiler on this machine (CC unset, no cc/gcc/clang on PATH)")
     cache = tmp_path / "cache"
     infos = []
@@ -483,13 +467,11 @@ def test_build_once_then_load_from_cache(tmp_path):
 def test_kernel_command_builds_then_loads_and_reports_failure(tmp_path):
     """``syncbn kernel`` builds into the cache, then loads from it; without a compiler it exits 1."""
     def kernel_cli(*args, **env_extra):
-        env = {**os.environ, "SYNCBN_CACHE_DIR": str(tmp_path / "cache"),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
-               **env_extra}
+        env = harness.child_env(**{"SYNCBN_CACHE_DIR": str(tmp_path / "cache"), **env_extra})
         return subprocess.run([sys.executable, "-m", "syncbn", "kernel", *args], env=env,
                               capture_output=True, text=True, timeout=120, check=False)
 
-    if shutil.which(os.environ.get("CC") or "cc") is None and shutil.which("gcc") is None:
+    if _kernel._compiler() is None:
         pytest.skip("no C compiler on this machine: the kernel cannot be built")
     first = kernel_cli()
     assert first.returncode == 0, first.stdout + first.stderr

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+import harness
+
 TESTS = Path(__file__).parent
-SRC = TESTS.parent / "src"
 NPROC = [2, 1]  # processes per node
 SIZES = [3, 0, 5]  # samples per global rank (node 0: ranks 0-1, node 1: rank 2)
 TIMEOUT_S = 150
@@ -56,9 +57,7 @@ def test_two_torchrun_nodes_on_loopback(tmp_path):
     out_dir = tmp_path / "ranks"
     out_dir.mkdir()
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)  # noqa: B018 - not a torchrun child here
+    env = harness.child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     logs, procs = [], []
     for node in (0, 1):
         out, err = tmp_path / f"node{node}.out", tmp_path / f"node{node}.err"
