@@ -7,15 +7,17 @@ exception or death into a :class:`SpawnFailure` that names the rank, and leave n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
-__all__ = ["SpawnFailure", "leave", "run_spawned"]
+__all__ = ["SpawnFailure", "joined", "leave", "run_spawned"]
 
 
 class SpawnFailure(Exception):
@@ -64,6 +66,22 @@ def _stop_on_sigterm() -> Any:
         raise KeyboardInterrupt(f"signal {signum}")
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def joined(rank: int, world_size: int, store_path: str, backend: str,
+           timeout_s: float) -> Iterator[None]:
+    """A spawned rank's process group, over a ``FileStore`` at ``store_path``, for the block;
+    destroyed after it with no barrier (a failed rank must not wait for the others)."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def leave() -> None:

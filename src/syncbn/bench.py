@@ -87,7 +87,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._spawn import SpawnFailure, leave, run_spawned
+from ._spawn import SpawnFailure, joined, leave, run_spawned
 
 FULL_SHAPES = ("2x64x56x56,2x128x28x28,2x256x14x14,2x512x7x7,2x2048x7x7,"
                "8x64x56x56,8x128x28x28,8x256x14x14,8x512x7x7,8x2048x7x7,64x1024,cl:2x64x56x56")
@@ -444,8 +444,6 @@ class _Failure(Exception):
 def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: str,
                opts: dict[str, Any]) -> None:
     """Entry point of a spawned rank."""
-    import torch.distributed as dist
-
     torch.set_num_threads(opts["threads"])
     if opts.get("pin") and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
@@ -457,15 +455,10 @@ def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: s
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=_PG_TIMEOUT_S))
-    try:
+    with joined(rank, world, store_path, backend, _PG_TIMEOUT_S):
         result = (_layer_rank if task == "layers" else _e2e_rank)(rank, world, device, opts)
         result["backend"] = backend
         torch.save(result, f"{result_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
     leave()  # done and saved: skip the interpreter's teardown (see _spawn.leave)
 
 

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._spawn import SpawnFailure, leave, run_spawned
+from ._spawn import SpawnFailure, joined, leave, run_spawned
 
 __all__ = ["TOLERANCES", "add_parser", "run", "shard_sizes"]
 
@@ -347,23 +347,16 @@ def _meta(world_size: int, launcher: str, opts: dict[str, Any]) -> dict[str, Any
 def _spawned_rank(rank: int, world_size: int, store_path: str, result_path: str,
                   opts: dict[str, Any]) -> None:
     """Entry point of a spawned rank (top level, so that the spawn start method can import it)."""
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     device = torch.device("cpu")
     if opts["device"] == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    store = dist.FileStore(store_path, world_size)
-    dist.init_process_group(opts["backend"], store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=opts["timeout"]))
-    try:
+    with joined(rank, world_size, store_path, opts["backend"], opts["timeout"]):
         rows = _gather_rows(check_rank(rank, world_size, device, opts))
         if rank == 0:
             with open(result_path, "w") as f:
                 json.dump(rows, f)
-    finally:
-        dist.destroy_process_group()  # no barrier: a failed rank must not wait for the others
     leave()  # done and saved: skip the interpreter's teardown (see _spawn.leave)
 
 

@@ -97,7 +97,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._spawn import SpawnFailure, leave, run_spawned
+from ._spawn import SpawnFailure, joined, leave, run_spawned
 
 __all__ = ["CONFIGS", "NOISE_FACTOR", "TOLERANCES", "add_parser", "check_exactness", "make_model",
            "run"]
@@ -434,20 +434,13 @@ def _run_configs(who: _Rank, raw: dict[str, Any], opts: dict[str, Any]) -> dict[
 def _spawned_rank(rank: int, world_size: int, store_path: str, data_path: str, result_path: str,
                   opts: dict[str, Any]) -> None:
     """Entry point of a spawned rank (top level, so that the spawn start method can import it)."""
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=_PG_TIMEOUT_S))
-    try:
+    with joined(rank, world_size, store_path, "gloo", _PG_TIMEOUT_S):
         raw = torch.load(data_path, weights_only=True)
         who = _Rank(rank, world_size, torch.device("cpu"), "gloo", "spawn")
         results = _run_configs(who, raw, opts)
         if results is not None:
             torch.save(results, result_path)
-    finally:
-        dist.destroy_process_group()  # no barrier: a failed rank must not wait for the others
     leave()  # done and saved: skip the interpreter's teardown (see _spawn.leave)
 
 
