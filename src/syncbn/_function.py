@@ -153,7 +153,7 @@ def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: T
                    process_group: Any | None, tag: _comm.LayerTag) -> Tensor:
     """The forward in the fused kernel: the same steps as the ATen path, one C call each."""
     n, channels, s, nsc = geom
-    sfx = _kernel.suffix(input.dtype)
+    forward_reduce, forward_apply = _kernel.calls(input.dtype)[:2]
     threads = torch.get_num_threads()
     tag.forward += 1
     fields = _comm.header_fields(tag, _comm.FORWARD, channels)
@@ -162,24 +162,25 @@ def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: T
     # does not leave free memory at the top of the heap, which glibc would hand back to the OS
     # (and the next pass would page-fault on).
     out = torch.empty_like(input)
-    buffer = torch.empty(length, dtype=torch.float64)
+    # the collective's buffer (length), then mean (C) and invstd (C), saved for backward
+    scratch = torch.empty(length + 2 * channels, dtype=torch.float64)
+    buffer, stats = scratch[:length], scratch[length:]
+    x, at = input.data_ptr(), scratch.data_ptr()
     # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> buffer_length(C)
-    if getattr(lib, f"syncbn_forward_reduce_{sfx}")(
-            input.data_ptr(), n, channels, s, nsc, threads, buffer.data_ptr(), length, *fields):
+    if forward_reduce(_REDUCE_FWD.pack(x, n, channels, s, nsc, threads, at, length, *fields)):
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
     _comm.all_reduce_buffer(buffer, 2 * channels + 1, tag, _comm.FORWARD, channels,
                             process_group, input.shape)
-    stats = torch.empty(2 * channels, dtype=torch.float64)  # mean (C), invstd (C)
     world = float(_comm.group_size(process_group))
     # Header check, global mean/invstd and (when the global count is >= 2) the running
     # statistics, in float64 from the identical reduced buffer (bitwise equal on every rank),
     # then the normalization.
-    count = getattr(lib, f"syncbn_forward_apply_{sfx}")(
-        buffer.data_ptr(), length, world, *fields, eps, momentum, _kernel.ptr(running_mean),
+    count = forward_apply(_APPLY_FWD.pack(
+        world, eps, momentum, at, length, *fields, _kernel.ptr(running_mean),
         _kernel.dtype_code(running_mean), _kernel.ptr(running_var),
-        _kernel.dtype_code(running_var), _POLICY_CODES[nonfinite_policy()], stats.data_ptr(),
-        input.data_ptr(), out.data_ptr(), n, channels, s, nsc, threads, _kernel.ptr(weight),
-        _kernel.dtype_code(weight), _kernel.ptr(bias), _kernel.dtype_code(bias))
+        _kernel.dtype_code(running_var), _POLICY_CODES[nonfinite_policy()], at + 8 * length, x,
+        out.data_ptr(), n, channels, s, nsc, threads, _kernel.ptr(weight),
+        _kernel.dtype_code(weight), _kernel.ptr(bias), _kernel.dtype_code(bias)))
     if count == -2.0:
         _comm.verify_buffer(buffer, fields, tag, _comm.FORWARD, process_group)  # raises
     if count == -1.0:
@@ -189,47 +190,55 @@ def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: T
     if count == -3.0:
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
     ctx.save_for_backward(input, weight, stats)
-    ctx.fused = (lib, geom, count, world)
+    ctx.fused = (geom, count, world)
     ctx.process_group = process_group
     ctx.tag = tag
     ctx.bias_dtype = bias.dtype if bias is not None else input.dtype
     return out
 
 
+_REDUCE_FWD, _APPLY_FWD = _kernel.ARG_FORMATS["forward_reduce"], _kernel.ARG_FORMATS["forward_apply"]
+_REDUCE_BWD, _APPLY_BWD = (_kernel.ARG_FORMATS["backward_reduce"],
+                           _kernel.ARG_FORMATS["backward_apply"])
+_NO_FIELDS = [0] * 6  # no header: a backward that sends nothing
+
+
 def _backward_fused(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """The backward in the fused kernel (see :meth:`SyncBatchNormFunction.backward`)."""
     input, weight, stats = ctx.saved_tensors
-    lib, (n, channels, s, nsc), count, world = ctx.fused
-    mean, invstd = stats.data_ptr(), stats.data_ptr() + 8 * channels  # C, C
+    (n, channels, s, nsc), count, world = ctx.fused
+    mean = stats.data_ptr()
+    invstd = mean + 8 * channels  # stats: mean (C), invstd (C)
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    sfx = _kernel.suffix(input.dtype)
+    backward_reduce, backward_apply = _kernel.calls(input.dtype)[2:]
     threads = torch.get_num_threads()
     tag = ctx.tag
     dy = grad_output.to(input.dtype).contiguous(memory_format=_kernel.layout_of(input, nsc))
     grad_in = torch.empty_like(input) if need_input else None  # large first: see the forward
     grad_weight = torch.empty(channels, dtype=weight.dtype) if need_weight else None
     grad_bias = torch.empty(channels, dtype=ctx.bias_dtype) if need_bias else None
-    fields, length, buffer = [0] * 6, 0, None
+    fields, length, buffer, at = _NO_FIELDS, 0, None, 0
     if need_input:
         tag.backward += 1
         fields = _comm.header_fields(tag, _comm.BACKWARD, channels)
         length = _comm.buffer_length(channels)
         buffer = torch.empty(length, dtype=torch.float64)
+        at = buffer.data_ptr()
+    d, x = dy.data_ptr(), input.data_ptr()
     # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> buffer_length(C); and the local
     # weight/bias gradients (this rank's share: DDP or the user sums them over ranks)
-    if getattr(lib, f"syncbn_backward_reduce_{sfx}")(
-            dy.data_ptr(), input.data_ptr(), n, channels, s, nsc, threads, mean, invstd,
-            _kernel.ptr(buffer), length, *fields, _kernel.ptr(grad_weight),
-            _kernel.dtype_code(grad_weight), _kernel.ptr(grad_bias), _kernel.dtype_code(grad_bias)):
+    if backward_reduce(_REDUCE_BWD.pack(
+            d, x, n, channels, s, nsc, threads, mean, invstd, at, length, *fields,
+            _kernel.ptr(grad_weight), _kernel.dtype_code(grad_weight), _kernel.ptr(grad_bias),
+            _kernel.dtype_code(grad_bias))):
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the backward")
     if buffer is not None:
         _comm.all_reduce_buffer(buffer, 2 * channels, tag, _comm.BACKWARD, channels,
                                 ctx.process_group, input.shape)
         # header check, then grad_input from the global sums
-        done = getattr(lib, f"syncbn_backward_apply_{sfx}")(
-            buffer.data_ptr(), length, world, *fields, dy.data_ptr(), input.data_ptr(),
-            _kernel.ptr(grad_in), n, channels, s, nsc, threads, mean, _kernel.ptr(weight),
-            _kernel.dtype_code(weight), count)
+        done = backward_apply(_APPLY_BWD.pack(
+            world, count, at, length, *fields, d, x, _kernel.ptr(grad_in), n, channels, s, nsc,
+            threads, mean, _kernel.ptr(weight), _kernel.dtype_code(weight)))
         if done == 0:
             _comm.verify_buffer(buffer, fields, tag, _comm.BACKWARD, ctx.process_group)  # raises
         if done < 0:

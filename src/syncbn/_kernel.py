@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,39 +43,31 @@ import torch
 
 from . import _settings
 
-__all__ = ["KernelUnavailable", "add_parser", "build_info", "dtype_code", "geometry", "get",
-           "layout_of", "mode", "path_for", "ptr", "suffix"]
+__all__ = ["ARG_FORMATS", "KernelUnavailable", "add_parser", "build_info", "calls", "dtype_code",
+           "geometry", "get", "layout_of", "mode", "path_for", "ptr", "suffix"]
 
 log = logging.getLogger("syncbn")
 
 MODES = ("auto", "fused", "aten")
 _SOURCES = ("kernel.c", "kernel_body.h")
-_VERSION = 3  # must match syncbn_kernel_version() in kernel.c
+_VERSION = 4  # must match syncbn_kernel_version() in kernel.c
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 _OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 _lock = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "lib": None, "error": None, "seconds": None,
                           "path": None, "compiled": False, "flags": None}
 
-i64, c_int, c_double, c_void_p = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
-_FIELDS6 = [i64] * 6
-_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {"syncbn_kernel_version": (c_int, [])}
-for _sfx in ("f32", "f64"):  # the four calls of a forward + backward, per data dtype
-    _SIGNATURES.update({
-        f"syncbn_forward_reduce_{_sfx}": (c_int, [c_void_p, i64, i64, i64, c_int, c_int, c_void_p,
-                                                  i64, *_FIELDS6]),
-        f"syncbn_forward_apply_{_sfx}": (c_double, [c_void_p, i64, c_double, *_FIELDS6, c_double,
-                                                    c_double, c_void_p, c_int, c_void_p, c_int,
-                                                    c_int, c_void_p, c_void_p, c_void_p, i64, i64,
-                                                    i64, c_int, c_int, c_void_p, c_int, c_void_p,
-                                                    c_int]),
-        f"syncbn_backward_reduce_{_sfx}": (c_int, [c_void_p, c_void_p, i64, i64, i64, c_int,
-                                                   c_int, c_void_p, c_void_p, c_void_p, i64,
-                                                   *_FIELDS6, c_void_p, c_int, c_void_p, c_int]),
-        f"syncbn_backward_apply_{_sfx}": (c_int, [c_void_p, i64, c_double, *_FIELDS6, c_void_p,
-                                                  c_void_p, c_void_p, i64, i64, i64, c_int, c_int,
-                                                  c_void_p, c_void_p, c_int, c_double]),
-    })
+# The four calls of a forward + backward (per data dtype) take one argument block each, packed
+# with these formats; they must match the structs in kernel.c (pointers as int64, 0 for NULL).
+ARG_FORMATS = {
+    "forward_reduce": struct.Struct("<14q"),
+    "forward_apply": struct.Struct("<3d25q"),
+    "backward_reduce": struct.Struct("<21q"),
+    "backward_apply": struct.Struct("<2d19q"),
+}
+_RESTYPES = {"forward_reduce": ctypes.c_int, "forward_apply": ctypes.c_double,
+             "backward_reduce": ctypes.c_int, "backward_apply": ctypes.c_int}
+_calls: dict[torch.dtype, tuple[Any, Any, Any, Any]] = {}
 
 
 class KernelUnavailable(RuntimeError):
@@ -239,12 +232,17 @@ def _build_and_load(rebuild: bool) -> Any:
                         continue
                     _state["compiled"] = True
         lib = ctypes.CDLL(str(path))
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
+        lib.syncbn_kernel_version.restype, lib.syncbn_kernel_version.argtypes = ctypes.c_int, []
         if lib.syncbn_kernel_version() != _VERSION:
             raise RuntimeError(f"{path}: kernel version {lib.syncbn_kernel_version()}, expected "
                                f"{_VERSION}")
+        for dtype in _DTYPES:
+            fns = []
+            for name, restype in _RESTYPES.items():
+                fn = getattr(lib, f"syncbn_{name}_{suffix(dtype)}")
+                fn.restype, fn.argtypes = restype, [ctypes.c_char_p]
+                fns.append(fn)
+            _calls[dtype] = tuple(fns)  # type: ignore[assignment]
         _state["path"], _state["flags"] = str(path), " ".join(flags)
         return lib
     raise RuntimeError("the compiler refused every set of flags: " + " | ".join(errors))
@@ -291,14 +289,20 @@ def layout_of(input: torch.Tensor, nsc: int) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def calls(dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
+    """The loaded kernel's forward_reduce, forward_apply, backward_reduce and backward_apply
+    for a data dtype (float32 or float64): each takes one block packed with ``ARG_FORMATS``."""
+    return _calls[dtype]
+
+
 def suffix(dtype: torch.dtype) -> str:
     """The kernels' name suffix for a data dtype."""
     return "f32" if dtype == torch.float32 else "f64"
 
 
-def ptr(t: torch.Tensor | None) -> int | None:
-    """Address of a tensor's data (``None`` for an absent tensor, a NULL pointer in C)."""
-    return None if t is None else t.data_ptr()
+def ptr(t: torch.Tensor | None) -> int:
+    """Address of a tensor's data (0 for an absent tensor: a NULL pointer in C)."""
+    return 0 if t is None else t.data_ptr()
 
 
 def path_for(input: torch.Tensor, *params: torch.Tensor | None) -> str:

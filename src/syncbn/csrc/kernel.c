@@ -36,9 +36,35 @@ enum { POLICY_PROPAGATE = 0, POLICY_SKIP = 1, POLICY_RAISE = 2 };
 #define NFIELDS 6
 #define BLOCK 4096            /* values per block in the NCS statistics */
 #define VBYTES 32             /* vector width of the NCS sums (AVX2; GCC vector extensions) */
-#define NSC_BLOCK_BYTES 65536 /* bytes of rows per block in the NSC statistics */
+#define NSC_BLOCK_BYTES 262144 /* bytes of rows per block in the NSC statistics (in L2) */
+#define NSC_BLOCK_ROWS 1024   /* and at most this many rows: values per channel summed in T */
 
-int syncbn_kernel_version(void) { return 3; }
+int syncbn_kernel_version(void) { return 4; }
+
+/* The argument blocks of the four exported calls (per dtype: _f32, _f64), packed by
+ * syncbn/_kernel.py with struct formats that must match (_kernel.ARG_FORMATS): one pointer
+ * argument per call instead of 14-28 (ctypes converts each argument on every call: ~4 us per
+ * call, against ~1 us to pack a block). Pointers travel as int64 (0 for NULL), then doubles
+ * first, all fields 8 bytes: no padding. */
+typedef struct { /* "<14q" */
+  i64 x, N, C, S, nsc, nt, buf, len, f[NFIELDS];
+} forward_reduce_args;
+typedef struct { /* "<3d25q" */
+  double world, eps, momentum;
+  i64 buf, len, f[NFIELDS], rmean, rmean_code, rvar, rvar_code, policy, stats, x, y, N, C, S, nsc,
+      nt, w, wc, b, bc;
+} forward_apply_args;
+typedef struct { /* "<21q" */
+  i64 dy, x, N, C, S, nsc, nt, mean, invstd, buf, len, f[NFIELDS], gw, gwc, gb, gbc;
+} backward_reduce_args;
+typedef struct { /* "<2d19q" */
+  double world, count;
+  i64 buf, len, f[NFIELDS], dy, x, dx, N, C, S, nsc, nt, stats, w, wc;
+} backward_apply_args;
+_Static_assert(sizeof(forward_reduce_args) == 14 * 8, "forward_reduce_args");
+_Static_assert(sizeof(forward_apply_args) == 28 * 8, "forward_apply_args");
+_Static_assert(sizeof(backward_reduce_args) == 21 * 8, "backward_reduce_args");
+_Static_assert(sizeof(backward_apply_args) == 21 * 8, "backward_apply_args");
 
 static inline double load(const void *p, int code, i64 i) {
   if (code == DT_F32) return (double)((const float *)p)[i];
@@ -99,7 +125,7 @@ static inline void thread_rows(i64 R, i64 B, i64 blocks, int *t, i64 *r0, i64 *r
 
 /* Threads for a pass over numel values: at most one per GRAIN values (torch's grain size for
  * its own CPU kernels), at most nt, at least 1. */
-#define GRAIN 32768
+#define GRAIN 16384
 static int threads_for(i64 numel, int nt) {
   i64 most = numel / GRAIN;
   if (nt < 1 || most < 2) return 1;
