@@ -1,8 +1,8 @@
 """Single-process tests of the fused C kernel path (``SYNCBN_KERNEL=fused``, ``csrc/kernel.c``).
 
-The synchronized Function runs in a 1-rank gloo group (one real all_reduce per pass), so every
-branch of the kernel and of ``_forward_fused``/``_backward_fused`` is exercised without spawning
-ranks. Every case is compared with the float64 reference (plain ``F.batch_norm`` + autograd) and
+The synchronized Function runs in a 1-rank gloo group (it skips the all_reduce there: a sum over
+one rank is the buffer itself, and the header check still runs on it), so every branch of the
+kernel and of ``_forward_fused``/``_backward_fused`` is exercised without spawning ranks. Every case is compared with the float64 reference (plain ``F.batch_norm`` + autograd) and
 with the ATen path (``SYNCBN_KERNEL=aten``). Build and fallback behaviour (no compiler, the cache)
 is tested in subprocesses, since the kernel is loaded once per process.
 """
@@ -35,7 +35,7 @@ CL, CL3 = torch.channels_last, torch.channels_last_3d
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group(tmp_path_factory):
-    """A 1-rank gloo group for the whole module: the Function's all_reduce really runs."""
+    """A 1-rank gloo group for the whole module (the Function's collectives are skipped there)."""
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
     store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
@@ -153,7 +153,7 @@ def _fused_vs_aten_vs_reference(monkeypatch, spy, x, dy, params, eps=1e-5, momen
 
 # (id, shape, memory format): every branch of the kernel. NCS = torch's default layout, NSC =
 # channels innermost (channels_last, or (N, C) input). BLOCK = 4096 values per NCS block; NSC
-# blocks are 65536 bytes of rows (2048 rows of 8 float32 channels, 1024 of float64).
+# blocks are at most 1024 rows and at most 262144 bytes of rows.
 LAYOUTS = [
     ("ncs-2d-short-7x7", (4, 3, 7, 7), None),           # S < BLOCK, a vector tail (49 % 8)
     ("ncs-2d-short-2x2", (5, 3, 2, 2), None),           # S shorter than one vector
@@ -164,10 +164,11 @@ LAYOUTS = [
     ("ncs-6d", (2, 3, 2, 3, 2, 2), None),
     ("ncs-one-channel", (6, 1, 3, 3), None),
     ("nsc-channels-last-2d", (4, 3, 7, 7), CL),
-    ("nsc-channels-last-2d-many-blocks", (16, 8, 40, 40), CL),  # 25600 rows: 13 / 25 blocks
+    ("nsc-channels-last-2d-many-blocks", (16, 8, 40, 40), CL),  # 25600 rows: 25 blocks
     ("nsc-channels-last-3d", (2, 3, 4, 5, 6), CL3),
     ("nsc-1d-NC", (6, 4), None),
-    ("nsc-1d-NC-many-blocks", (3000, 8), None),          # 2 blocks (float32), 3 (float64)
+    ("nsc-1d-NC-many-blocks", (3000, 8), None),          # 3 blocks of <= 1024 rows
+    ("nsc-1d-NC-wide-blocks", (1200, 96), None),         # by bytes: 682 rows (float32), 341
 ]
 
 
@@ -318,6 +319,22 @@ def test_path_taken(monkeypatch, spy, mode, dtype):
     expected = 1 if mode == "fused" else 0
     assert spy == {"forward": expected, "backward": expected}
     _assert_same(out, _reference(x, dy, *params), dtype, f"{mode} vs float64 reference")
+
+
+@pytest.mark.parametrize("mode", ["fused", "aten"])
+def test_one_rank_group_sends_nothing(monkeypatch, spy, mode):
+    """In a 1-rank group the Function calls no collective (the sum over one rank is its own
+    buffer) and its results are still those of the reference."""
+    calls = []
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(a))
+    monkeypatch.setenv("SYNCBN_KERNEL", mode)
+    x, dy = _data((4, 3, 5, 5), torch.float64)
+    params = _params(3, torch.float64)
+    out = _sync(x, dy, *params)
+    assert calls == [], f"{len(calls)} all_reduce calls in a 1-rank group"
+    assert spy == ({"forward": 1, "backward": 1} if mode == "fused" else
+                   {"forward": 0, "backward": 0})
+    _assert_same(out, _reference(x, dy, *params), torch.float64, f"{mode} vs float64 reference")
 
 
 def _strided(dtype):
