@@ -97,6 +97,15 @@ def test_ranks_on_different_paths_agree(tmp_path, dtype, layout):
     _run(workers.exactness, 3, tmp_path, cfg)
 
 
+@pytest.mark.parametrize("poll", ["0", "1e9"], ids=["block-at-once", "poll-only"])
+def test_wait_policies_are_exact(tmp_path, poll):
+    """SYNCBN_POLL_US=0 blocks in every collective at once; a huge budget never blocks (polls
+    until done). Both give the exact result."""
+    cfg = {"sizes": [3, 0, 4], "tail": (3, 4, 5), "dtype": "float64", "layer": "2d", "steps": 2,
+           "env": {"SYNCBN_POLL_US": poll}}
+    _run(workers.exactness, 3, tmp_path, cfg)
+
+
 def test_large_mean_over_std_float32(tmp_path):
     """mean/std = 1e4 in float32: no catastrophic cancellation in the variance."""
     cfg = {"sizes": [40, 24], "tail": (3, 8, 8), "dtype": "float32", "layer": "2d",

@@ -233,3 +233,17 @@ def test_api_reference_is_current():
     script = Path(__file__).parents[1] / "docs" / "make_api.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, "docs/api.md is stale: run `python docs/make_api.py`" + done.stderr
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_bad_poll_setting_names_itself(monkeypatch, value):
+    """SYNCBN_POLL_US must be a number of microseconds >= 0."""
+    monkeypatch.setenv("SYNCBN_POLL_US", value)
+    with pytest.raises(ValueError, match=rf"SYNCBN_POLL_US: expected a number of microseconds >= 0, got '{value}'"):
+        _comm.poll_microseconds()
+
+
+@pytest.mark.parametrize("value,expected", [("", 2000.0), ("0", 0.0), ("150.5", 150.5)])
+def test_poll_setting(monkeypatch, value, expected):
+    monkeypatch.setenv("SYNCBN_POLL_US", value)
+    assert _comm.poll_microseconds() == expected

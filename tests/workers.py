@@ -43,10 +43,31 @@ def _group(cfg: dict[str, Any], rank: int) -> tuple[Any, list[int]]:
     raise AssertionError(f"rank {rank} in no group of {groups}")
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Any:
+    """Set environment variables for the block (pooled ranks run later tasks too)."""
+    import os
+
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """Forward/backward ``steps`` times on shard ``sizes[rank]`` and compare with the reference.
 
-    ``cfg["kernels"]``, when given, is ``SYNCBN_KERNEL`` per rank (ranks on different paths)."""
+    ``cfg["kernels"]``, when given, is ``SYNCBN_KERNEL`` per rank (ranks on different paths);
+    ``cfg["env"]`` are environment settings for this run only."""
+    if cfg.get("env"):
+        with _environ(cfg["env"]):
+            return exactness(rank, world_size, {**cfg, "env": None})
     if cfg.get("kernels"):
         import os
 
