@@ -169,6 +169,10 @@ LAYOUTS = [
     ("nsc-1d-NC", (6, 4), None),
     ("nsc-1d-NC-many-blocks", (3000, 8), None),          # 3 blocks of <= 1024 rows
     ("nsc-1d-NC-wide-blocks", (1200, 96), None),         # by bytes: 682 rows (float32), 341
+    # NSC sums run in tiles of 4 vectors of channels (32 float32, 16 float64), then one channel
+    # at a time: C = 40 and 37 take both, C <= 8 only the second, C = 96 only tiles (float32)
+    ("nsc-channels-last-2d-tiles-and-tail", (3, 40, 5, 5), CL),
+    ("nsc-1d-NC-tiles-and-tail", (50, 37), None),
 ]
 
 

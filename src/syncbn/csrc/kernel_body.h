@@ -109,6 +109,96 @@ static inline void SFX(rows_dot)(const T *dy, const T *x, i64 stride, i64 rows, 
   *sdy = SFX(hsum)(a0 + a1) + t1;
   *sdyx = SFX(hsum)(b0 + b1) + t2;
 }
+
+/* The NSC statistics, per channel over `rows` rows of C values (x[r*C + c]), in register tiles
+ * of TILE = 4 vectors of channels carried down all the rows (one load per vector and row, and
+ * eight independent chains of adds), then the channels left over one at a time. Writing the
+ * running sums back to memory on every row (as a loop over c per row does) is bound by stores. */
+#define TILE (4 * VL)
+#define TILE_LOOP(x0, init, body, done)                                            \
+  for (; c + TILE <= C; c += TILE) {                                               \
+    init;                                                                          \
+    const T *p = (x0) + c;                                                         \
+    for (i64 r = 0; r < rows; ++r, p += C) {                                       \
+      SFX(vec) v0, v1, v2, v3;                                                     \
+      LOADV(v0, p);                                                                \
+      LOADV(v1, p + VL);                                                           \
+      LOADV(v2, p + 2 * VL);                                                       \
+      LOADV(v3, p + 3 * VL);                                                       \
+      body;                                                                        \
+    }                                                                              \
+    done;                                                                          \
+  }
+#define STOREV(p, v) __builtin_memcpy((p), &(v), sizeof(v))
+
+/* k[c] = sum over the rows of x[r*C + c] */
+static void SFX(nsc_sum)(const T *x, i64 C, i64 rows, T *k) {
+  i64 c = 0;
+  TILE_LOOP(x, SFX(vec) a0 = {0}; SFX(vec) a1 = {0}; SFX(vec) a2 = {0}; SFX(vec) a3 = {0},
+            a0 += v0; a1 += v1; a2 += v2; a3 += v3,
+            STOREV(k + c, a0); STOREV(k + c + VL, a1); STOREV(k + c + 2 * VL, a2);
+            STOREV(k + c + 3 * VL, a3))
+  for (; c < C; ++c) {
+    T t = 0;
+    for (i64 r = 0; r < rows; ++r) t += x[r * C + c];
+    k[c] = t;
+  }
+}
+
+/* s1[c] = sum (x - k[c]), s2[c] = sum (x - k[c])^2 over the rows */
+static void SFX(nsc_centered)(const T *x, i64 C, i64 rows, const T *k, T *s1, T *s2) {
+  i64 c = 0;
+  TILE_LOOP(x,
+            SFX(vec) k0; SFX(vec) k1; SFX(vec) k2; SFX(vec) k3; LOADV(k0, k + c);
+            LOADV(k1, k + c + VL); LOADV(k2, k + c + 2 * VL); LOADV(k3, k + c + 3 * VL);
+            SFX(vec) a0 = {0}; SFX(vec) a1 = {0}; SFX(vec) a2 = {0}; SFX(vec) a3 = {0};
+            SFX(vec) q0 = {0}; SFX(vec) q1 = {0}; SFX(vec) q2 = {0}; SFX(vec) q3 = {0},
+            v0 -= k0; v1 -= k1; v2 -= k2; v3 -= k3; a0 += v0; a1 += v1; a2 += v2; a3 += v3;
+            q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3,
+            STOREV(s1 + c, a0); STOREV(s1 + c + VL, a1); STOREV(s1 + c + 2 * VL, a2);
+            STOREV(s1 + c + 3 * VL, a3); STOREV(s2 + c, q0); STOREV(s2 + c + VL, q1);
+            STOREV(s2 + c + 2 * VL, q2); STOREV(s2 + c + 3 * VL, q3))
+  for (; c < C; ++c) {
+    T t1 = 0, t2 = 0;
+    for (i64 r = 0; r < rows; ++r) {
+      T d = x[r * C + c] - k[c];
+      t1 += d;
+      t2 += d * d;
+    }
+    s1[c] = t1;
+    s2[c] = t2;
+  }
+}
+
+/* a[c] = sum dy, b[c] = sum dy * (x - m[c]) over the rows (dy and x in the same layout) */
+static void SFX(nsc_dot)(const T *dy, const T *x, i64 C, i64 rows, const T *m, T *a, T *b) {
+  i64 c = 0;
+  TILE_LOOP(x, const T *q = dy + c; /* dy's rows, alongside x's */
+            SFX(vec) m0; SFX(vec) m1; SFX(vec) m2; SFX(vec) m3; LOADV(m0, m + c);
+            LOADV(m1, m + c + VL); LOADV(m2, m + c + 2 * VL); LOADV(m3, m + c + 3 * VL);
+            SFX(vec) a0 = {0}; SFX(vec) a1 = {0}; SFX(vec) a2 = {0}; SFX(vec) a3 = {0};
+            SFX(vec) b0 = {0}; SFX(vec) b1 = {0}; SFX(vec) b2 = {0}; SFX(vec) b3 = {0},
+            SFX(vec) d0; SFX(vec) d1; SFX(vec) d2; SFX(vec) d3; LOADV(d0, q);
+            LOADV(d1, q + VL); LOADV(d2, q + 2 * VL); LOADV(d3, q + 3 * VL); q += C;
+            a0 += d0; a1 += d1; a2 += d2; a3 += d3; b0 += d0 * (v0 - m0);
+            b1 += d1 * (v1 - m1); b2 += d2 * (v2 - m2); b3 += d3 * (v3 - m3),
+            STOREV(a + c, a0); STOREV(a + c + VL, a1); STOREV(a + c + 2 * VL, a2);
+            STOREV(a + c + 3 * VL, a3); STOREV(b + c, b0); STOREV(b + c + VL, b1);
+            STOREV(b + c + 2 * VL, b2); STOREV(b + c + 3 * VL, b3))
+  for (; c < C; ++c) {
+    T t1 = 0, t2 = 0;
+    for (i64 r = 0; r < rows; ++r) {
+      T d = dy[r * C + c];
+      t1 += d;
+      t2 += d * (x[r * C + c] - m[c]);
+    }
+    a[c] = t1;
+    b[c] = t2;
+  }
+}
+#undef STOREV
+#undef TILE_LOOP
+#undef TILE
 #undef LOADV
 #undef VL
 
@@ -149,24 +239,11 @@ static void SFX(rows_moments_nsc)(const T *x, i64 C, i64 r0, i64 r1, i64 B, doub
   T *k = scratch, *s1 = scratch + C, *s2 = scratch + 2 * C;
   for (i64 b0 = r0; b0 < r1; b0 += B) {
     i64 rows = r1 - b0 < B ? r1 - b0 : B;
-    for (i64 c = 0; c < C; ++c) k[c] = s1[c] = s2[c] = 0;
-    for (i64 r = b0; r < b0 + rows; ++r) {
-      const T *row = x + r * C;
-#pragma omp simd
-      for (i64 c = 0; c < C; ++c) k[c] += row[c];
-    }
+    SFX(nsc_sum)(x + b0 * C, C, rows, k);
     T inv = (T)1 / (T)rows;
 #pragma omp simd
     for (i64 c = 0; c < C; ++c) k[c] *= inv;
-    for (i64 r = b0; r < b0 + rows; ++r) {
-      const T *row = x + r * C;
-#pragma omp simd
-      for (i64 c = 0; c < C; ++c) {
-        T d = row[c] - k[c];
-        s1[c] += d;
-        s2[c] += d * d;
-      }
-    }
+    SFX(nsc_centered)(x + b0 * C, C, rows, k, s1, s2);
     double nb = (double)rows;
     for (i64 c = 0; c < C; ++c) {
       double bm = (double)k[c] + (double)s1[c] / nb;
@@ -340,15 +417,7 @@ static int SFX(backward_reduce)(const T *dy, const T *x, i64 N, i64 C, i64 S, in
       for (i64 c = 0; c < C; ++c) m[c] = (T)mean[c];
       for (i64 b0 = r0; b0 < r1; b0 += B) {
         i64 e = r1 - b0 < B ? r1 : b0 + B;
-        for (i64 c = 0; c < C; ++c) a[c] = b[c] = 0;
-        for (i64 r = b0; r < e; ++r) {
-          const T *dr = dy + r * C, *xr = x + r * C;
-#pragma omp simd
-          for (i64 c = 0; c < C; ++c) {
-            a[c] += dr[c];
-            b[c] += dr[c] * (xr[c] - m[c]);
-          }
-        }
+        SFX(nsc_dot)(dy + b0 * C, x + b0 * C, C, e - b0, m, a, b);
         for (i64 c = 0; c < C; ++c) {
           mine[c] += (double)a[c];
           mine[C + c] += (double)b[c];
