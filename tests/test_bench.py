@@ -28,8 +28,9 @@ def test_quick_bench_writes_all_sections(tmp_path: Path) -> None:
     for title in ("1. Per layer", "2. End to end", "3. Memory"):
         assert title in proc.stdout
     report = json.loads((tmp_path / "syncbn-bench.json").read_text())
-    for key in ("torch", "machine", "date", "threads", "command", "layers", "e2e"):
+    for key in ("torch", "machine", "date", "threads", "command", "layers", "e2e", "allocator"):
         assert key in report
+    assert "memory allocator settings: " in proc.stdout
     assert report["threads"] == [1] and report["machine"]["cpu_count"] >= 1
     kernel = report["kernel"]
     assert kernel["available"] and kernel["cold_build_s"] > 0, kernel

@@ -586,6 +586,7 @@ def run(args: argparse.Namespace) -> int:
                     "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
         "device": device, "threads": args.threads, "quick": quick,
         "kernel": _kernel_report(device),
+        "allocator": _allocator_settings(),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()
                     if k != "shapes"} | {"shapes": [s["name"] for s in opts["shapes"]]},
     }
@@ -593,6 +594,9 @@ def run(args: argparse.Namespace) -> int:
     threads = ",".join(map(str, args.threads))
     print(f"syncbn bench: torch {torch.__version__}, {device}, {os.cpu_count()} CPUs, "
           f"{threads} thread(s) per rank{', quick' if quick else ''}", flush=True)
+    print("memory allocator settings: " + (", ".join(f"{k}={v}" for k, v in
+                                                    report["allocator"].items()) or
+                                          "none (glibc defaults)"), flush=True)
     k = report["kernel"]
     print(f"fused CPU kernel (SYNCBN_KERNEL={k['mode']}): "
           + (f"cold build {k['cold_build_s']:.2f} s; this run {k['this_run']} it in "
@@ -653,6 +657,16 @@ def run(args: argparse.Namespace) -> int:
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
     return 0
+
+
+_ALLOCATOR_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+                        "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+def _allocator_settings() -> dict[str, str]:
+    """The environment variables that change how freed memory goes back to the OS (and so how
+    many page faults each pass takes, for torch and syncbn alike), where they are set."""
+    return {k: os.environ[k] for k in _ALLOCATOR_VARIABLES if os.environ.get(k)}
 
 
 def _kernel_report(device: str) -> dict[str, Any]:
