@@ -123,8 +123,17 @@ def _describe_key(key: int) -> str:
     return _keys.get(key, f"an unknown layer (key {key})")
 
 
+_ProcessGroup = getattr(dist, "ProcessGroup", ())  # () when torch.distributed is not built
+
+
 def group_size(process_group: Any | None = None) -> int:
     """Number of ranks syncbn would synchronize over; 1 when ``torch.distributed`` is not in use."""
+    if process_group is None and _ProcessGroup:
+        process_group = dist.GroupMember.WORLD  # the default group; None before init
+        if process_group is None:
+            return 1
+    if isinstance(process_group, _ProcessGroup):  # asked on every pass: the direct question
+        return process_group.size()  # type: ignore[no-any-return]
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)

@@ -162,9 +162,9 @@ def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: T
     # does not leave free memory at the top of the heap, which glibc would hand back to the OS
     # (and the next pass would page-fault on).
     out = torch.empty_like(input)
-    # the collective's buffer (length), then mean (C) and invstd (C), saved for backward
+    # the collective's buffer (length), then mean (C) and invstd (C): saved for backward
     scratch = torch.empty(length + 2 * channels, dtype=torch.float64)
-    buffer, stats = scratch[:length], scratch[length:]
+    buffer = scratch[:length]
     x, at = input.data_ptr(), scratch.data_ptr()
     # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> buffer_length(C)
     if forward_reduce(_REDUCE_FWD.pack(x, n, channels, s, nsc, threads, at, length, *fields)):
@@ -176,11 +176,9 @@ def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: T
     # statistics, in float64 from the identical reduced buffer (bitwise equal on every rank),
     # then the normalization.
     count = forward_apply(_APPLY_FWD.pack(
-        world, eps, momentum, at, length, *fields, _kernel.ptr(running_mean),
-        _kernel.dtype_code(running_mean), _kernel.ptr(running_var),
-        _kernel.dtype_code(running_var), _POLICY_CODES[nonfinite_policy()], at + 8 * length, x,
-        out.data_ptr(), n, channels, s, nsc, threads, _kernel.ptr(weight),
-        _kernel.dtype_code(weight), _kernel.ptr(bias), _kernel.dtype_code(bias)))
+        world, eps, momentum, at, length, *fields, *_kernel.arg(running_mean),
+        *_kernel.arg(running_var), _POLICY_CODES[nonfinite_policy()], at + 8 * length, x,
+        out.data_ptr(), n, channels, s, nsc, threads, *_kernel.arg(weight), *_kernel.arg(bias)))
     if count == -2.0:
         _comm.verify_buffer(buffer, fields, tag, _comm.FORWARD, process_group)  # raises
     if count == -1.0:
@@ -189,8 +187,8 @@ def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: T
         raise _one_value_error(input, process_group)
     if count == -3.0:
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
-    ctx.save_for_backward(input, weight, stats)
-    ctx.fused = (geom, count, world)
+    ctx.save_for_backward(input, weight, scratch)
+    ctx.fused = (geom, count, world, 8 * length)  # stats: bytes into scratch
     ctx.process_group = process_group
     ctx.tag = tag
     ctx.bias_dtype = bias.dtype if bias is not None else input.dtype
@@ -205,15 +203,17 @@ _NO_FIELDS = [0] * 6  # no header: a backward that sends nothing
 
 def _backward_fused(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """The backward in the fused kernel (see :meth:`SyncBatchNormFunction.backward`)."""
-    input, weight, stats = ctx.saved_tensors
-    (n, channels, s, nsc), count, world = ctx.fused
-    mean = stats.data_ptr()
+    input, weight, scratch = ctx.saved_tensors
+    (n, channels, s, nsc), count, world, offset = ctx.fused
+    mean = scratch.data_ptr() + offset
     invstd = mean + 8 * channels  # stats: mean (C), invstd (C)
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     backward_reduce, backward_apply = _kernel.calls(input.dtype)[2:]
     threads = torch.get_num_threads()
     tag = ctx.tag
-    dy = grad_output.to(input.dtype).contiguous(memory_format=_kernel.layout_of(input, nsc))
+    dy = grad_output
+    if dy.dtype != input.dtype or not dy.is_contiguous(memory_format=_kernel.layout_of(input, nsc)):
+        dy = dy.to(input.dtype).contiguous(memory_format=_kernel.layout_of(input, nsc))
     grad_in = torch.empty_like(input) if need_input else None  # large first: see the forward
     grad_weight = torch.empty(channels, dtype=weight.dtype) if need_weight else None
     grad_bias = torch.empty(channels, dtype=ctx.bias_dtype) if need_bias else None
@@ -229,16 +229,15 @@ def _backward_fused(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     # weight/bias gradients (this rank's share: DDP or the user sums them over ranks)
     if backward_reduce(_REDUCE_BWD.pack(
             d, x, n, channels, s, nsc, threads, mean, invstd, at, length, *fields,
-            _kernel.ptr(grad_weight), _kernel.dtype_code(grad_weight), _kernel.ptr(grad_bias),
-            _kernel.dtype_code(grad_bias))):
+            *_kernel.arg(grad_weight), *_kernel.arg(grad_bias))):
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the backward")
-    if buffer is not None:
+    if buffer is not None and grad_in is not None:  # both exactly when need_input
         _comm.all_reduce_buffer(buffer, 2 * channels, tag, _comm.BACKWARD, channels,
                                 ctx.process_group, input.shape)
         # header check, then grad_input from the global sums
         done = backward_apply(_APPLY_BWD.pack(
-            world, count, at, length, *fields, d, x, _kernel.ptr(grad_in), n, channels, s, nsc,
-            threads, mean, _kernel.ptr(weight), _kernel.dtype_code(weight)))
+            world, count, at, length, *fields, d, x, grad_in.data_ptr(), n, channels, s, nsc,
+            threads, mean, *_kernel.arg(weight)))
         if done == 0:
             _comm.verify_buffer(buffer, fields, tag, _comm.BACKWARD, ctx.process_group)  # raises
         if done < 0:

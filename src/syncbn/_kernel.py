@@ -43,8 +43,8 @@ import torch
 
 from . import _settings
 
-__all__ = ["ARG_FORMATS", "KernelUnavailable", "add_parser", "build_info", "calls", "dtype_code",
-           "geometry", "get", "layout_of", "mode", "path_for", "ptr", "suffix"]
+__all__ = ["ARG_FORMATS", "KernelUnavailable", "add_parser", "arg", "build_info", "calls",
+           "geometry", "get", "layout_of", "mode", "path_for", "suffix"]
 
 log = logging.getLogger("syncbn")
 
@@ -82,11 +82,12 @@ def mode() -> str:
     return value
 
 
-def dtype_code(t: torch.Tensor | None) -> int:
-    """The kernel's code for a per-channel tensor's dtype: 0 absent, 1 float32, 2 float64."""
+def arg(t: torch.Tensor | None) -> tuple[int, int]:
+    """A per-channel tensor as the kernel takes it: its address and dtype code (0 absent,
+    1 float32, 2 float64); ``(0, 0)`` (a NULL pointer) for an absent tensor."""
     if t is None:
-        return 0
-    return 1 if t.dtype == torch.float32 else 2
+        return 0, 0
+    return t.data_ptr(), 1 if t.dtype == torch.float32 else 2
 
 
 def get() -> Any | None:
@@ -298,11 +299,6 @@ def calls(dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
 def suffix(dtype: torch.dtype) -> str:
     """The kernels' name suffix for a data dtype."""
     return "f32" if dtype == torch.float32 else "f64"
-
-
-def ptr(t: torch.Tensor | None) -> int:
-    """Address of a tensor's data (0 for an absent tensor: a NULL pointer in C)."""
-    return 0 if t is None else t.data_ptr()
 
 
 def path_for(input: torch.Tensor, *params: torch.Tensor | None) -> str:
