@@ -120,8 +120,12 @@ def test_subgroups(tmp_path):
     _run(workers.exactness, 4, tmp_path, cfg)
 
 
-def test_one_collective_per_pass(tmp_path):
-    out = harness.run(workers.uses_one_collective, 3, tmp_path, {"channels": 5, "sizes": [2, 0, 3]},
+@pytest.mark.parametrize("shm,transport", [("auto", "shm"), ("off", "gloo")])
+def test_one_collective_per_pass(tmp_path, shm, transport):
+    """One all_reduce per pass on either transport: ranks of one machine in shared memory
+    (SYNCBN_SHM=auto, the default), or the process group's (SYNCBN_SHM=off)."""
+    out = harness.run(workers.uses_one_collective, 3, tmp_path,
+                      {"channels": 5, "sizes": [2, 0, 3], "env": {"SYNCBN_SHM": shm}},
                       fresh=True)  # fresh processes: no wider layer was built before
     # payload 2C + 1 (forward) or 2C (backward), padded to the widest layer (at least 64 channels:
     # 2 * 64 + 1), plus the header: two sentinels and (f, f^2) for 6 fields
@@ -130,6 +134,15 @@ def test_one_collective_per_pass(tmp_path):
         assert calls["forward"] == [("all_reduce", length, torch.float64)], (rank, calls)
         assert calls["backward"] == [("all_reduce", length, torch.float64)], (rank, calls)
         assert calls["eval"] == [], (rank, calls)
+        assert calls["transport"] == transport, (rank, calls)
+
+
+def test_a_wider_layer_built_late_widens_the_shared_memory(tmp_path):
+    out = harness.run(workers.late_wide_layer, 3, tmp_path, {"channels": 100, "sizes": [2, 0, 3]},
+                      fresh=True)  # fresh processes: the group's segment is made here
+    for rank in out:
+        assert rank["transport"] == "shm", out
+        assert rank["slots"] == [2 * 64 + 15, rank["length"]] and rank["length"] == 2 * 100 + 15, out
 
 
 @pytest.mark.parametrize("sizes", [[1, 0], [0, 1, 0]], ids=["1+0", "0+1+0"])
@@ -220,6 +233,18 @@ def test_a_rank_that_never_arrives_gives_a_bounded_clear_error(tmp_path, scenari
     errors = _misuse(tmp_path, scenario)
     assert what in errors[waiting_rank], errors
     assert "another rank never reached this layer" in errors[waiting_rank]
+
+
+@pytest.mark.parametrize("shm", ["auto", "off"])
+def test_a_stalled_rank_gives_a_clear_error_at_the_timeout(tmp_path, shm):
+    """A rank that is alive but never arrives: the waiting rank raises at the group's timeout
+    (5 s here) on either transport (shared memory, or the process group's)."""
+    errors = _misuse(tmp_path, "stall", stall_s=8, env={"SYNCBN_SHM": shm})
+    assert "SyncBatchNorm1d(4) '0' failed in the all_reduce of its forward pass #2" in errors[0], errors
+    assert "another rank never reached this layer" in errors[0], errors
+    if shm == "auto":
+        assert "timed out after 5 s waiting for rank 1 of the group" in errors[0], errors
+    assert errors[1] == "", errors
 
 
 def test_debug_mode_shows_every_ranks_view(tmp_path):

@@ -247,3 +247,9 @@ def test_bad_poll_setting_names_itself(monkeypatch, value):
 def test_poll_setting(monkeypatch, value, expected):
     monkeypatch.setenv("SYNCBN_POLL_US", value)
     assert _comm.poll_microseconds() == expected
+
+
+def test_bad_shm_setting_names_itself(monkeypatch):
+    monkeypatch.setenv("SYNCBN_SHM", "yes")
+    with pytest.raises(ValueError, match=r"SYNCBN_SHM: expected one of \('auto', 'off'\), got 'yes'"):
+        _comm.shm_mode()

@@ -201,18 +201,29 @@ def expect_error(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
 
 
 def uses_one_collective(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Count collectives and their sizes in one training forward and backward."""
+    """Count collectives and their sizes in one training forward and backward, on either
+    transport (the backend's all_reduce, or the same-machine shared-memory one)."""
+    if cfg.get("env"):
+        with _environ(cfg["env"]):
+            return uses_one_collective(rank, world_size, {**cfg, "env": None})
+    from syncbn import _comm, _local
+
     calls: list[tuple[str, int, torch.dtype]] = []
-    real = dist.all_reduce
+    real, real_local = dist.all_reduce, _local.LocalGroup.all_reduce
 
     def spy(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(("all_reduce", tensor.numel(), tensor.dtype))
         return real(tensor, *args, **kwargs)
 
+    def local_spy(self, tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(("all_reduce", tensor.numel(), tensor.dtype))
+        return real_local(self, tensor, *args, **kwargs)
+
     for name in ("all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter", "barrier"):
         orig = getattr(dist, name)
         setattr(dist, name, lambda *a, _n=name, _o=orig, **k: (calls.append((_n, -1, None)), _o(*a, **k))[1])
     dist.all_reduce = spy
+    _local.LocalGroup.all_reduce = local_spy  # type: ignore[method-assign]
     try:
         channels = cfg["channels"]
         layer = syncbn.SyncBatchNorm2d(channels)
@@ -227,7 +238,43 @@ def uses_one_collective(rank: int, world_size: int, cfg: dict[str, Any]) -> dict
         eval_calls = list(calls)
     finally:
         dist.all_reduce = real
-    return {"forward": forward_calls, "backward": backward_calls, "eval": eval_calls}
+        _local.LocalGroup.all_reduce = real_local  # type: ignore[method-assign]
+    return {"forward": forward_calls, "backward": backward_calls, "eval": eval_calls,
+            "transport": _comm.transport()}
+
+
+def late_wide_layer(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A layer wider than every earlier one, built after the group's first collectives: its
+    buffers no longer fit the shared-memory slots made at set-up, so every rank sets up wider
+    ones at the same pass. Its results are still those of the reference."""
+    from syncbn import _comm
+
+    torch.manual_seed(0)
+    narrow = syncbn.SyncBatchNorm1d(3).double()
+    narrow(torch.randn(2, 3, dtype=torch.float64, requires_grad=True)).sum().backward()
+    slot_before = _slot_len()
+    channels, sizes = cfg["channels"], cfg["sizes"]
+    shards, grads = make_data(sizes, (channels,), torch.float64, 1)
+    weight, bias = make_params(channels, 1)
+    ref = reference_steps(shards, grads, weight, bias, 1, 0.1, 1e-5, True)
+    wide = syncbn.SyncBatchNorm1d(channels).double()
+    with torch.no_grad():
+        wide.weight.copy_(weight)
+        wide.bias.copy_(bias)
+    x = shards[rank].clone().requires_grad_()
+    y = wide(x)
+    y.backward(grads[rank])
+    assert_matches(y.detach(), ref[0]["y"][rank], torch.float64, "late wide layer: output")
+    assert_matches(x.grad, ref[0]["dx"][rank], torch.float64, "late wide layer: grad_input")
+    return {"transport": _comm.transport(), "slots": [slot_before, _slot_len()],
+            "length": _comm.buffer_length(channels)}
+
+
+def _slot_len() -> int:
+    from syncbn import _comm
+
+    group = _comm._local_groups.get(dist.group.WORLD)
+    return group.slot_len if group is not None else 0
 
 
 class SmallNet(nn.Module):
@@ -362,7 +409,11 @@ def double_backward_is_refused(rank: int, world_size: int, cfg: dict[str, Any]) 
 def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
     """Run a misuse scenario; return this rank's error text ("" if it raised none)."""
     import os
+    import time
 
+    if cfg.get("env"):
+        with _environ(cfg["env"]):
+            return misuse(rank, world_size, {**cfg, "env": None})
     if cfg.get("debug"):
         os.environ["SYNCBN_DEBUG"] = "1"
     scenario = cfg["scenario"]
@@ -393,6 +444,12 @@ def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
         elif scenario == "steps":  # rank 0 runs one step more than rank 1
             for _ in range(3 if rank == 0 else 2):
                 model(torch.randn(3, widths[0])).sum().backward()
+        elif scenario == "stall":  # after a step, rank 1 stays away (alive) past the timeout
+            model(x).sum().backward()
+            if rank == 1:
+                time.sleep(cfg["stall_s"])
+                return ""
+            model(x).sum().backward()
         elif scenario == "nan":  # rank 1's data has a NaN
             data = torch.randn(3, widths[0])
             if rank == 1:

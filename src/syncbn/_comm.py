@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _settings
+from . import _local, _settings
 
 __all__ = [
     "BACKWARD",
@@ -53,7 +55,9 @@ __all__ = [
     "header_fields",
     "poll_microseconds",
     "register_layer",
+    "shm_mode",
     "synced_sum",
+    "transport",
     "verify_buffer",
 ]
 
@@ -220,10 +224,17 @@ def all_reduce_buffer(buffer: Tensor, payload_size: int, tag: LayerTag, directio
                       process_group, shape)
     start = time.perf_counter()
     try:
-        work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
-        if buffer.device.type == "cpu":
-            _poll(work, start)
-        work.wait()
+        local = None if compiling() else _local_group(process_group, buffer)
+        if local is not None:
+            local.all_reduce(buffer, spin_us=poll_microseconds())
+        elif compiling():  # traced: the backend's all_reduce, the way torch.compile knows it
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
+        else:
+            work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group,
+                                   async_op=True)
+            if buffer.device.type == "cpu":
+                _poll(work, start)
+            work.wait()
     except RuntimeError as e:  # a timeout, a peer that exited, a backend error
         raise RuntimeError(
             f"syncbn: {tag.description} failed in the all_reduce of its {_DIRECTIONS[direction]} "
@@ -237,6 +248,108 @@ def all_reduce_buffer(buffer: Tensor, payload_size: int, tag: LayerTag, directio
         log.info("syncbn: %s %s pass #%d synced over %d ranks (%d numbers)",
                  tag.description, _DIRECTIONS[direction], count, group_size(process_group),
                  buffer.numel())
+
+
+# ------------------------------------------------------------------ same-machine transport
+# The ranks of a CPU group that all run on this machine sum syncbn's buffers in shared memory
+# (csrc/local.h) instead of through the backend: one memcpy and one sum of a few KB, no thread
+# hand-offs. Set up once per group, at the group's first syncbn collective (which every rank
+# reaches at the same point: the invariant above), with three small collectives of the group.
+_local_groups: weakref.WeakKeyDictionary[Any, _local.LocalGroup | None] = (
+    weakref.WeakKeyDictionary())  # per process group, gone with it
+SHM_MODES = ("auto", "off")
+
+
+def shm_mode() -> str:
+    """``SYNCBN_SHM``: ``auto`` (default: shared memory for a CPU group whose ranks are all on
+    one machine) or ``off`` (always the process group's all_reduce). Must be the same on every
+    rank of a group."""
+    value = _settings.get("SYNCBN_SHM", "auto")
+    if value not in SHM_MODES:
+        raise ValueError(f"SYNCBN_SHM: expected one of {SHM_MODES}, got {value!r}")
+    return value
+
+
+def transport(process_group: Any | None = None) -> str:
+    """How syncbn's CPU collectives on this group travel: ``"shm"`` (shared memory) once set
+    up, else the backend's name (before the group's first syncbn collective: the backend's)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return "none"
+    pg = process_group if process_group is not None else dist.GroupMember.WORLD
+    if _local_groups.get(pg) is not None:
+        return "shm"
+    return backend_name(process_group)
+
+
+def _local_group(process_group: Any | None, buffer: Tensor) -> _local.LocalGroup | None:
+    """The group's shared-memory segment, set up on first use; None: use the backend."""
+    if buffer.device.type != "cpu" or shm_mode() == "off":
+        return None
+    pg = process_group if process_group is not None else dist.GroupMember.WORLD
+    if pg in _local_groups:
+        group = _local_groups[pg]
+        if group is None or buffer.numel() <= group.slot_len:
+            return group
+        group.close()  # a wider layer than at set-up (every rank reaches this pass alike)
+    group = _local_groups[pg] = _setup_local(pg, buffer.numel())
+    return group
+
+
+def _group_timeout(pg: Any) -> float:
+    """The process group's timeout in seconds (the bound on every wait)."""
+    try:
+        return float(pg._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+    except (AttributeError, RuntimeError):
+        return float(dist.default_pg_timeout.total_seconds())
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _setup_local(pg: Any, length: int) -> _local.LocalGroup | None:
+    """Three small collectives of the group: who is where (and can), the segment's name, and
+    whether every rank mapped it. Every rank returns a segment, or every rank returns None."""
+    world, rank = pg.size(), pg.rank()
+    able = _local.available()
+    infos: list[Any] = [None] * world
+    dist.all_gather_object(infos, (socket.gethostname(), _boot_id(), able, length), group=pg)
+    if not all(i[2] for i in infos) or len({i[:2] for i in infos}) != 1:
+        log.info("syncbn: %s: the backend's all_reduce (ranks on %d machines, kernel on %d of %d)",
+                 describe_group(pg), len({i[:2] for i in infos}), sum(i[2] for i in infos), world)
+        return None
+    slot_len = max(i[3] for i in infos)
+    timeout = _group_timeout(pg)
+    group, path = None, None
+    if rank == 0:
+        path = _local.new_path()
+        try:
+            group = _local.LocalGroup(path, world, rank, slot_len, timeout, create=True)
+        except OSError as e:
+            log.info("syncbn: cannot make %s: %s", path, e)
+            path = None
+    paths: list[Any] = [None] * world
+    dist.all_gather_object(paths, path, group=pg)
+    if rank != 0 and paths[0] is not None:
+        try:
+            group = _local.LocalGroup(paths[0], world, rank, slot_len, timeout, create=False)
+        except OSError as e:
+            log.info("syncbn: cannot map %s: %s", paths[0], e)
+    oks: list[Any] = [None] * world
+    dist.all_gather_object(oks, group is not None, group=pg)
+    if rank == 0 and group is not None:
+        group.unlink()  # every rank has mapped it (or failed to): the name is not needed
+    if not all(oks):
+        if group is not None:
+            group.close()
+        return None
+    log.info("syncbn: %s: shared-memory all_reduce (%d ranks on this machine)",
+             describe_group(pg), world)
+    return group
 
 
 _POLL_DEFAULT_US = 2000

@@ -44,13 +44,13 @@ import torch
 from . import _settings
 
 __all__ = ["ARG_FORMATS", "KernelUnavailable", "add_parser", "arg", "build_info", "calls",
-           "geometry", "get", "layout_of", "mode", "path_for", "suffix"]
+           "geometry", "get", "layout_of", "local_allreduce", "mode", "path_for", "suffix"]
 
 log = logging.getLogger("syncbn")
 
 MODES = ("auto", "fused", "aten")
-_SOURCES = ("kernel.c", "kernel_body.h")
-_VERSION = 4  # must match syncbn_kernel_version() in kernel.c
+_SOURCES = ("kernel.c", "kernel_body.h", "local.h")
+_VERSION = 5  # must match syncbn_kernel_version() in kernel.c
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 _OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 _lock = threading.Lock()
@@ -64,6 +64,7 @@ ARG_FORMATS = {
     "forward_apply": struct.Struct("<3d25q"),
     "backward_reduce": struct.Struct("<21q"),
     "backward_apply": struct.Struct("<2d19q"),
+    "local_allreduce": struct.Struct("<11q"),  # local.h: the shared-memory all_reduce
 }
 _RESTYPES = {"forward_reduce": ctypes.c_int, "forward_apply": ctypes.c_double,
              "backward_reduce": ctypes.c_int, "backward_apply": ctypes.c_int}
@@ -244,6 +245,9 @@ def _build_and_load(rebuild: bool) -> Any:
                 fn.restype, fn.argtypes = restype, [ctypes.c_char_p]
                 fns.append(fn)
             _calls[dtype] = tuple(fns)  # type: ignore[assignment]
+        fn = lib.syncbn_local_allreduce
+        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_char_p]
+        _state["local_allreduce"] = fn
         _state["path"], _state["flags"] = str(path), " ".join(flags)
         return lib
     raise RuntimeError("the compiler refused every set of flags: " + " | ".join(errors))
@@ -294,6 +298,17 @@ def calls(dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
     """The loaded kernel's forward_reduce, forward_apply, backward_reduce and backward_apply
     for a data dtype (float32 or float64): each takes one block packed with ``ARG_FORMATS``."""
     return _calls[dtype]
+
+
+def local_allreduce() -> Any | None:
+    """The kernel's shared-memory all_reduce (``csrc/local.h``; one block packed with
+    ``ARG_FORMATS["local_allreduce"]``), or None when the kernel is not loaded (whatever
+    ``SYNCBN_KERNEL`` says: the transport does not depend on the path)."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _load()
+    return _state.get("local_allreduce")
 
 
 def suffix(dtype: torch.dtype) -> str:

@@ -21,6 +21,7 @@
  *   [1 | payload, zero-padded | (f, f*f) for each of the NFIELDS header fields | 1]
  * exactly as syncbn/_comm.py packs and checks it.
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, kill, nanosleep, sched_yield (local.h) */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,7 +40,7 @@ enum { POLICY_PROPAGATE = 0, POLICY_SKIP = 1, POLICY_RAISE = 2 };
 #define NSC_BLOCK_BYTES 262144 /* bytes of rows per block in the NSC statistics (in L2) */
 #define NSC_BLOCK_ROWS 1024   /* and at most this many rows: values per channel summed in T */
 
-int syncbn_kernel_version(void) { return 4; }
+int syncbn_kernel_version(void) { return 5; }
 
 /* The argument blocks of the four exported calls (per dtype: _f32, _f64), packed by
  * syncbn/_kernel.py with struct formats that must match (_kernel.ARG_FORMATS): one pointer
@@ -169,6 +170,8 @@ static double forward_finish(const double *buf, i64 len, i64 C, double world, co
   }
   return n;
 }
+
+#include "local.h"
 
 #define T float
 #define SFX(name) name##_f32

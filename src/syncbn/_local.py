@@ -1,0 +1,129 @@
+"""The shared-memory segment of a group whose ranks are all on this machine (``csrc/local.h``).
+
+``_comm`` decides, with the group's own collectives, whether a group gets one (every rank on
+one machine, every rank able to map the file) and sets it up; this module only maps the file
+and runs the kernel's wait-and-sum on it. It does not talk to ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import tempfile
+import uuid
+from typing import Any
+
+import torch
+
+from . import _kernel
+
+__all__ = ["LocalError", "LocalGroup", "available", "directory", "new_path", "segment_bytes"]
+
+_CONTROL = 64  # bytes of one rank's control line (seq, pid, len[2])
+
+
+class LocalError(RuntimeError):
+    """The shared-memory all_reduce failed: a rank timed out, exited, or sent another length."""
+
+
+def available() -> bool:
+    """Whether this process can take part (the kernel that holds the all_reduce is loaded)."""
+    return _kernel.local_allreduce() is not None
+
+
+def segment_bytes(world: int, slot_len: int) -> int:
+    """Size of the segment: W control lines, then two slots of ``slot_len`` float64 per rank."""
+    return world * _CONTROL + world * 2 * slot_len * 8
+
+
+def directory() -> str:
+    """Where segments are made: ``/dev/shm`` (memory) when there is one, else the temp dir."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def new_path() -> str:
+    """A fresh, unguessable segment name (made by the group's first rank)."""
+    return os.path.join(directory(), f"syncbn-{os.getpid()}-{uuid.uuid4().hex}")
+
+
+class LocalGroup:
+    """One group's mapped segment; this rank's pass counter; the kernel's all_reduce on it.
+
+    The group's first rank creates the file (``create=True``), every rank maps it and writes its
+    pid, and the first rank unlinks it once all have mapped it (:meth:`unlink`): the memory lives
+    as long as a mapping does, and nothing is left behind when a process dies.
+    """
+
+    def __init__(self, path: str, world: int, rank: int, slot_len: int, timeout_s: float,
+                 create: bool) -> None:
+        self.path, self.world, self.rank, self.slot_len = path, world, rank, slot_len
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.seq = 0
+        self.broken: str | None = None
+        fn = _kernel.local_allreduce()
+        if fn is None:
+            raise OSError("the syncbn kernel (which holds the shared-memory all_reduce) is not loaded")
+        self._fn: Any = fn
+        size = segment_bytes(world, slot_len)
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            elif os.fstat(fd).st_size != size:
+                raise OSError(f"{path}: {os.fstat(fd).st_size} bytes, expected {size}")
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._anchor = ctypes.c_char.from_buffer(self._map)  # keeps the mapping's address
+        self.base = ctypes.addressof(self._anchor)
+        self._detail = (ctypes.c_int64 * 2)()
+        pid_at = rank * _CONTROL + 8
+        self._map[pid_at:pid_at + 8] = os.getpid().to_bytes(8, "little", signed=True)
+
+    def unlink(self) -> None:
+        """Remove the file's name (the first rank, once every rank has mapped it)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def all_reduce(self, buffer: torch.Tensor, timeout_s: float | None = None,
+                   spin_us: float = 2000.0) -> None:
+        """Sum the contiguous CPU float64 ``buffer`` over the group, in place.
+
+        Raises :class:`LocalError` when a rank does not arrive within the timeout, has exited,
+        or sent a buffer of another length; the segment is unusable after that."""
+        if self.broken:
+            raise LocalError(f"the group's shared-memory all_reduce failed earlier ({self.broken})")
+        self.seq += 1
+        timeout_ns = self.timeout_ns if timeout_s is None else int(timeout_s * 1e9)
+        code = self._fn(_LOCAL_ARGS.pack(
+            self.base, self.world, self.rank, self.seq, buffer.data_ptr(), buffer.numel(),
+            self.slot_len, timeout_ns, int(spin_us * 1e3), ctypes.addressof(self._detail), 0))
+        if code == 0:
+            return
+        who = int(self._detail[0])
+        if code == 1:
+            why = (f"timed out after {timeout_ns / 1e9:g} s waiting for rank {who} of the group "
+                   f"(shared-memory all_reduce, pass {self.seq} of this group)")
+        elif code == 2:
+            why = (f"rank {who} of the group exited while this rank waited for it "
+                   f"(shared-memory all_reduce, pass {self.seq} of this group)")
+        elif code == 3:
+            why = (f"rank {who} of the group sent {int(self._detail[1])} numbers, this rank "
+                   f"{buffer.numel()}: the ranks met different collectives")
+        else:
+            why = (f"{buffer.numel()} numbers do not fit the group's shared-memory slots of "
+                   f"{self.slot_len}")
+        self.broken = why
+        raise LocalError(why)
+
+    def close(self) -> None:
+        del self._anchor
+        self._map.close()
+
+
+_LOCAL_ARGS = _kernel.ARG_FORMATS["local_allreduce"]
+

@@ -1,0 +1,124 @@
+/* The shared-memory all_reduce of the ranks of one machine (included once by kernel.c).
+ *
+ * syncbn's collectives move a few KB; through gloo's loopback TCP each one costs 0.2-1 ms of
+ * thread hand-offs and wake-ups on the 2-core VM of benchmarks/RESULTS.md, far more than the
+ * data. When every rank of a CPU group is on this machine, syncbn/_comm.py maps one segment of
+ * shared memory for the group (once, with three small collectives of the group itself) and
+ * sums the buffers here instead: each rank copies its buffer into its slot and publishes the
+ * pass number, waits until every rank has published it, then sums the W slots in rank order.
+ * Every rank adds the same numbers in the same order, so the result is bitwise identical on
+ * every rank, as with gloo.
+ *
+ * Segment: W control lines of 64 bytes (seq, pid, len[2]), then for each rank two slots
+ * (alternate passes) of slot_len float64. Writing pass k into slot k % 2 is safe: this rank
+ * left pass k - 1 only once every rank had published k - 1, i.e. had finished reading pass
+ * k - 2, the last user of that slot.
+ *
+ * The wait is bounded: by the process group's timeout, and by the peers' lives (a rank whose
+ * process has exited is reported at once, not at the timeout).
+ */
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+
+typedef struct {
+  i64 seq; /* the last pass this rank published */
+  i64 pid;
+  i64 len[2]; /* numbers in each slot */
+  i64 pad[4];
+} local_control;
+_Static_assert(sizeof(local_control) == 64, "local_control");
+
+/* Argument block of syncbn_local_allreduce ("<11q"): the segment, this rank, the pass, the
+ * buffer (summed in place), the wait limits, and where to say who failed. */
+typedef struct {
+  i64 base, world, rank, seq, buf, len, slot_len, timeout_ns, spin_ns, detail, pad;
+} local_args;
+_Static_assert(sizeof(local_args) == 11 * 8, "local_args");
+
+enum { LOCAL_OK = 0, LOCAL_TIMEOUT = 1, LOCAL_EXITED = 2, LOCAL_LENGTH = 3, LOCAL_TOO_LONG = 4 };
+
+static i64 local_now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (i64)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* 1 when the process has exited (gone, or a zombie its parent has not reaped yet). */
+static int local_exited(i64 pid) {
+  if (pid <= 0) return 0;
+  if (kill((pid_t)pid, 0) != 0) return errno == ESRCH;
+  char path[64], state = 0;
+  snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return 0; /* no /proc: only kill() can tell */
+  int ok = fscanf(f, "%*d (%*[^)]) %c", &state);
+  fclose(f);
+  return ok == 1 && (state == 'Z' || state == 'X');
+}
+
+/* Sum buf (len float64) over the W ranks of the segment, in place. Returns LOCAL_OK, or an
+ * error with detail[0] = the rank concerned (and detail[1] = its length for LOCAL_LENGTH). */
+int syncbn_local_allreduce(const local_args *a) {
+  char *base = (char *)(intptr_t)a->base;
+  local_control *ctl = (local_control *)base;
+  i64 W = a->world, me = a->rank, k = a->seq, len = a->len, slot = a->slot_len;
+  i64 *detail = (i64 *)(intptr_t)a->detail;
+  double *buf = (double *)(intptr_t)a->buf;
+  double *slots = (double *)(base + W * (i64)sizeof(local_control));
+  int gen = (int)(k & 1);
+  if (len > slot) {
+    detail[0] = me;
+    return LOCAL_TOO_LONG;
+  }
+  memcpy(slots + (me * 2 + gen) * slot, buf, sizeof(double) * (size_t)len);
+  ctl[me].len[gen] = len;
+  __atomic_store_n(&ctl[me].seq, k, __ATOMIC_RELEASE);
+  i64 start = local_now_ns(), next_check = 0;
+  for (i64 j = 0; j < W; ++j) {
+    unsigned spins = 0;
+    while (__atomic_load_n(&ctl[j].seq, __ATOMIC_ACQUIRE) < k) {
+      if ((++spins & 63) != 0) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        continue;
+      }
+      i64 now = local_now_ns() - start;
+      if (now > a->timeout_ns) {
+        detail[0] = j;
+        return LOCAL_TIMEOUT;
+      }
+      if (now >= next_check) { /* about every millisecond: is rank j still alive? */
+        next_check = now + 1000000;
+        if (local_exited(ctl[j].pid) &&
+            __atomic_load_n(&ctl[j].seq, __ATOMIC_ACQUIRE) < k) {
+          detail[0] = j;
+          return LOCAL_EXITED;
+        }
+      }
+      if (now < a->spin_ns) {
+        sched_yield(); /* let other threads of this core run (DDP's, gloo's) */
+      } else {
+        struct timespec nap = {0, 50000}; /* a long wait: stop spinning */
+        nanosleep(&nap, NULL);
+      }
+    }
+  }
+  for (i64 j = 0; j < W; ++j) {
+    if (ctl[j].len[gen] != len) {
+      detail[0] = j;
+      detail[1] = ctl[j].len[gen];
+      return LOCAL_LENGTH;
+    }
+  }
+  const double *s0 = slots + gen * slot; /* rank 0's slot of this pass */
+  for (i64 i = 0; i < len; ++i) {
+    double t = s0[i];
+    for (i64 j = 1; j < W; ++j) t += s0[j * 2 * slot + i];
+    buf[i] = t;
+  }
+  return LOCAL_OK;
+}
