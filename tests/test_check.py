@@ -54,6 +54,7 @@ def test_check_passes(world_size, dtype, tol):
         assert re.fullmatch(r"\d+", f[10]) and f[11] == "us", f  # all_reduce latency
         assert float(f[12]) > 0 and f[13] == "ms", f  # layer forward+backward
         assert f[14] == "fused", f  # CPU float32: the fused kernel
+        assert f[15] == "shm", f  # ranks of one machine: shared memory
     if world_size >= 3:
         assert rows[1][4] == "0", "rank 1's shard should be empty"
     assert f"PASS: all {world_size} ranks match the float64 reference" in proc.stdout

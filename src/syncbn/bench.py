@@ -328,6 +328,7 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     return {"shape": spec["name"], "world_size": world, "rank": rank, "threads": opts["threads"],
             "fused": _kernel.path_for(x, sbn.weight, sbn.bias, sbn.running_mean,
                                       sbn.running_var) == "fused",
+            "transport": _comm.transport(group),
             "buffer_numbers": buf.numel(), **row}
 
 
@@ -376,6 +377,9 @@ def _maxrss_bytes() -> int:
     return kb if sys.platform == "darwin" else kb * 1024
 
 
+_E2E_GROUP: dict[str, Any] = {}  # the own-group contender's group
+
+
 def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any]) -> dict:
     import torch.distributed as dist
 
@@ -386,7 +390,8 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
     if opts["contender"] == "syncbn":
         model = syncbn.convert_sync_batchnorm(model)
     elif opts["contender"] == "syncbn_own_group":  # a group of its own: not queued behind DDP's
-        model = syncbn.convert_sync_batchnorm(model, dist.new_group(list(range(world))))
+        _E2E_GROUP["group"] = dist.new_group(list(range(world)))
+        model = syncbn.convert_sync_batchnorm(model, _E2E_GROUP["group"])
     model = model.to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -431,7 +436,14 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
     return {"e2e": {"contender": opts["contender"], "rank": rank, "world_size": world,
                     "step_median_ms": statistics.median(times), "step_min_ms": min(times),
                     "collective_median_ms": statistics.median(waits),
-                    "steps": len(times), **mem}}
+                    "transport": _comm_transport(opts), "steps": len(times), **mem}}
+
+
+def _comm_transport(opts: dict[str, Any]) -> str | None:
+    """How syncbn's collectives travelled (``shm`` or the backend), None for plain BN."""
+    from syncbn import _comm
+
+    return None if opts["contender"] == "torch_bn" else _comm.transport(_E2E_GROUP.get("group"))
 
 
 # --------------------------------------------------------------------------- launching
@@ -492,7 +504,8 @@ def _merge_layer_rows(per_rank: list[dict]) -> list[dict]:
     for rows in zip(*(r["layers"] for r in per_rank)):
         row = {"shape": rows[0]["shape"], "world_size": rows[0]["world_size"],
                "threads": rows[0]["threads"], "fused": all(r["fused"] for r in rows),
-               "buffer_numbers": rows[0]["buffer_numbers"]}
+               "buffer_numbers": rows[0]["buffer_numbers"],
+               "transport": "/".join(sorted({r["transport"] for r in rows}))}
         for key in rows[0]:
             if key.endswith("_ms"):
                 row[key] = max(r[key] for r in rows)
@@ -535,12 +548,14 @@ def e2e_tables(e2e: dict[str, Any]) -> tuple[str, str]:
             continue
         sb = e2e[key]
         t_sb = max(r["step_median_ms"] for r in sb)
-        rows.append([e2e["network"], e2e["input"], str(len(bn)), label, f"{t_bn:.1f}",
+        rows.append([e2e["network"], e2e["input"], str(len(bn)), label,
+                     str(sb[0].get("transport")), f"{t_bn:.1f}",
                      f"{t_sb:.1f}", f"{t_sb / t_bn:.3f}",
                      " ".join(f"{r['collective_median_ms']:.1f}" for r in sb),
                      " ".join(f"{r['step_median_ms']:.1f}" for r in bn),
                      " ".join(f"{r['step_median_ms']:.1f}" for r in sb)])
-    step = _table(["network", "input/rank", "W", "syncbn's group", "BN step ms", "syncbn step ms",
+    step = _table(["network", "input/rank", "W", "syncbn's group", "transport", "BN step ms",
+                   "syncbn step ms",
                    "syncbn/BN", "in collectives ms", "BN per rank ms", "syncbn per rank ms"], rows)
     sb = e2e["syncbn"]
     mib = 2**20
@@ -623,7 +638,10 @@ def run(args: argparse.Namespace) -> int:
                   "(in-situ coll),"
                   "\n   all_reduce = one plain all_reduce of the same buffer; W=1: syncbn = its "
                   "synchronized Function\n   over a 1-rank group, fallback = the module (plain BN)"
-                  "; aten path = syncbn with SYNCBN_KERNEL=aten\n")
+                  "; aten path = syncbn with SYNCBN_KERNEL=aten")
+            moved = sorted({r["transport"] for r in rows if r["world_size"] > 1})
+            print("   syncbn's collectives at W>1 went through: " + (", ".join(moved) or "-")
+                  + " (shm: shared memory between the ranks of this machine, SYNCBN_SHM)\n")
             print(layer_table(rows), flush=True)
         if not args.no_e2e:
             e2e: dict[str, Any] = {"network": f"resnet18-style width {opts['e2e_width']}",

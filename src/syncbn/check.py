@@ -268,6 +268,7 @@ def check_rank(rank: int, world_size: int, device: torch.device, opts: dict[str,
                                    timed.running_var)
     return {
         "rank": rank, "host": socket.gethostname(), "device": str(device), "path": path,
+        "transport": syncbn._comm.transport(group),
         "backend": str(dist.get_backend(group)), "shard": sizes[rank], "errors": errors,
         "max_error": max(errors.values()), "ok": all(e <= tol for e in errors.values()),
         "running": running, "allreduce_us": allreduce_us, "layer_ms": layer_ms,
@@ -295,7 +296,7 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The per-rank table and the verdict, as printed."""
     tol = TOLERANCES[meta["dtype"]]
     head = ("rank", "host", "device", "backend", "shard", "output", "grad_in", "grad_w/b",
-            "running", "result", "all_reduce", "fwd+bwd", "path")
+            "running", "result", "all_reduce", "fwd+bwd", "path", "transport")
     lines = []
     for r in rows:
         e = r["errors"]
@@ -307,7 +308,7 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{e['output']:.1e}", f"{e['grad_input']:.1e}",
             f"{max(e['grad_weight'], e['grad_bias']):.1e}",
             f"{max(e['running_mean'], e['running_var']):.1e}", result,
-            f"{r['allreduce_us']:.0f} us", f"{r['layer_ms']:.2f} ms", r["path"],
+            f"{r['allreduce_us']:.0f} us", f"{r['layer_ms']:.2f} ms", r["path"], r["transport"],
         ))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -316,9 +317,11 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['world_size']} ranks ({meta['launcher']}), {meta['dtype']}, C={meta['channels']}, "
         f"{meta['size']}x{meta['size']} samples, shards {meta['sizes']}",
         f"errors: max |syncbn - float64 reference| / max(1, max |reference|), tolerance {tol:g}; "
-        f"all_reduce: {meta['buffer']} float64 (the forward's buffer); fwd+bwd: one "
+        f"all_reduce: {meta['buffer']} float64 (the forward's buffer) through the backend; "
+        "fwd+bwd: one "
         f"layer on the rank's shard; medians of {meta['iters']}; path: syncbn's fused CPU "
-        "kernel or its ATen path (SYNCBN_KERNEL)",
+        "kernel or its ATen path (SYNCBN_KERNEL); transport: how syncbn's collectives travel "
+        "(shm: shared memory between the ranks of one machine, SYNCBN_SHM; else the backend)",
         "",
         fmt.format(*head).rstrip(),
         *(fmt.format(*line).rstrip() for line in lines),
