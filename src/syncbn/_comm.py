@@ -6,11 +6,17 @@ Distributed invariants enforced here and by the callers:
   even with an empty shard (an empty shard contributes zeros);
 * counts differ across ranks, so they travel inside the buffer with the sums;
 * the reduced buffer is bitwise identical on every rank (the backends compute each element once
-  and broadcast it), so everything derived from it (running statistics, checks) is too;
+  and broadcast it; the shared-memory transport adds the ranks' buffers in rank order on every
+  rank), so everything derived from it (running statistics, checks) is too;
 * every syncbn buffer in a process has the same length and dtype (payload padded to the widest
   syncbn layer, float64), because buffers of different lengths must never meet in one
   all_reduce: gloo then returns half-reduced data on one rank or aborts the process (seen here);
   for NCCL the behaviour is undefined (not tested: it needs two GPUs).
+
+Transport: a CPU group whose ranks are all on this machine sums the buffers in shared memory
+(``_local.py``, ``csrc/local.h``; ``SYNCBN_SHM=off`` turns it off), every other group through the
+backend's ``all_reduce`` (polled on CPU, ``SYNCBN_POLL_US``). Same buffer, same checks, same
+error messages; waits bounded by the group's timeout either way.
 
 Mismatch detection rides in the same buffer, at no extra round trip. Each rank appends small
 integer fields ``f`` (a ones-counter, the layer's key, its pass number, its channel count, the
@@ -311,24 +317,35 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _setup_local(pg: Any, length: int) -> _local.LocalGroup | None:
     """Three small collectives of the group: who is where (and can), the segment's name, and
     whether every rank mapped it. Every rank returns a segment, or every rank returns None."""
     world, rank = pg.size(), pg.rank()
     able = _local.available()
     infos: list[Any] = [None] * world
-    dist.all_gather_object(infos, (socket.gethostname(), _boot_id(), able, length), group=pg)
+    me = (socket.gethostname(), _boot_id(), able, length, _pid_namespace())
+    dist.all_gather_object(infos, me, group=pg)
     if not all(i[2] for i in infos) or len({i[:2] for i in infos}) != 1:
         log.info("syncbn: %s: the backend's all_reduce (ranks on %d machines, kernel on %d of %d)",
                  describe_group(pg), len({i[:2] for i in infos}), sum(i[2] for i in infos), world)
         return None
     slot_len = max(i[3] for i in infos)
     timeout = _group_timeout(pg)
+    # A peer's exit is seen from its pid, which means something only in a shared pid namespace
+    # (containers may share /dev/shm but not pids): elsewhere only the timeout bounds a wait.
+    pid = os.getpid() if len({i[4] for i in infos}) == 1 else 0
     group, path = None, None
     if rank == 0:
         path = _local.new_path()
         try:
-            group = _local.LocalGroup(path, world, rank, slot_len, timeout, create=True)
+            group = _local.LocalGroup(path, world, rank, slot_len, timeout, pid, create=True)
         except OSError as e:
             log.info("syncbn: cannot make %s: %s", path, e)
             path = None
@@ -336,7 +353,8 @@ def _setup_local(pg: Any, length: int) -> _local.LocalGroup | None:
     dist.all_gather_object(paths, path, group=pg)
     if rank != 0 and paths[0] is not None:
         try:
-            group = _local.LocalGroup(paths[0], world, rank, slot_len, timeout, create=False)
+            group = _local.LocalGroup(paths[0], world, rank, slot_len, timeout, pid,
+                                     create=False)
         except OSError as e:
             log.info("syncbn: cannot map %s: %s", paths[0], e)
     oks: list[Any] = [None] * world

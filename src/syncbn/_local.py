@@ -51,12 +51,13 @@ class LocalGroup:
     """One group's mapped segment; this rank's pass counter; the kernel's all_reduce on it.
 
     The group's first rank creates the file (``create=True``), every rank maps it and writes its
-    pid, and the first rank unlinks it once all have mapped it (:meth:`unlink`): the memory lives
-    as long as a mapping does, and nothing is left behind when a process dies.
+    pid (0 where pids are not comparable: then only the timeout ends a wait for a rank that has
+    exited), and the first rank unlinks it once all have mapped it (:meth:`unlink`): the memory
+    lives as long as a mapping does, and nothing is left behind when a process dies.
     """
 
     def __init__(self, path: str, world: int, rank: int, slot_len: int, timeout_s: float,
-                 create: bool) -> None:
+                 pid: int, create: bool) -> None:
         self.path, self.world, self.rank, self.slot_len = path, world, rank, slot_len
         self.timeout_ns = int(timeout_s * 1e9)
         self.seq = 0
@@ -80,7 +81,7 @@ class LocalGroup:
         self.base = ctypes.addressof(self._anchor)
         self._detail = (ctypes.c_int64 * 2)()
         pid_at = rank * _CONTROL + 8
-        self._map[pid_at:pid_at + 8] = os.getpid().to_bytes(8, "little", signed=True)
+        self._map[pid_at:pid_at + 8] = pid.to_bytes(8, "little", signed=True)  # 0: not known
 
     def unlink(self) -> None:
         """Remove the file's name (the first rank, once every rank has mapped it)."""
