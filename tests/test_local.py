@@ -1,0 +1,113 @@
+"""The shared-memory all_reduce (``_local.py``, ``csrc/local.h``) in one process: its ranks are
+threads (the kernel's call releases the GIL), so sums, errors and bounds are tested without
+spawning. The multi-process behaviour is in test_distributed.py (every CPU test there runs on it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from syncbn import _kernel, _local
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def kernel_needed():
+    if not _local.available():
+        pytest.skip(f"the kernel is not available here: {_kernel.build_info()['error']}")
+
+
+def _groups(tmp_path, world, slot_len=16, timeout=5.0, pids=None):
+    path = str(tmp_path / "segment")
+    pids = pids or [os.getpid()] * world
+    first = _local.LocalGroup(path, world, 0, slot_len, timeout, pids[0], create=True)
+    rest = [_local.LocalGroup(path, world, r, slot_len, timeout, pids[r], create=False)
+            for r in range(1, world)]
+    first.unlink()
+    return [first, *rest]
+
+
+def _run(groups, buffers, spin_us=2000.0):
+    """Every rank's all_reduce in a thread of its own; returns each one's error (or None)."""
+    errors = [None] * len(groups)
+
+    def rank(r):
+        try:
+            groups[r].all_reduce(buffers[r], spin_us=spin_us)
+        except _local.LocalError as e:
+            errors[r] = str(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(groups))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_sums_are_exact_and_identical_on_every_rank(tmp_path, world):
+    groups = _groups(tmp_path, world)
+    g = torch.Generator().manual_seed(world)
+    for step in range(6):  # both slots, several times
+        data = [torch.randn(11, dtype=torch.float64, generator=g) * 10 ** step for _ in groups]
+        buffers = [d.clone() for d in data]
+        assert _run(groups, buffers, spin_us=0 if step % 2 else 2000) == [None] * world
+        expected = data[0].clone()
+        for d in data[1:]:
+            expected += d  # rank order, as the kernel adds
+        for b in buffers:
+            assert torch.equal(b, expected), (step, b, expected)
+
+
+def test_a_rank_that_never_arrives_times_out(tmp_path):
+    groups = _groups(tmp_path, 2, timeout=0.3)
+    start = time.monotonic()
+    with pytest.raises(_local.LocalError, match=r"timed out after 0.3 s waiting for rank 1 of "
+                                                r"the group \(shared-memory all_reduce, pass 1"):
+        groups[0].all_reduce(torch.ones(4, dtype=torch.float64))
+    assert time.monotonic() - start < 5
+    with pytest.raises(_local.LocalError, match="failed earlier"):  # unusable afterwards
+        groups[0].all_reduce(torch.ones(4, dtype=torch.float64))
+
+
+def test_a_rank_that_exited_is_reported_at_once(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)  # reaped: no such process any more
+    groups = _groups(tmp_path, 2, timeout=30.0, pids=[os.getpid(), dead_pid])
+    start = time.monotonic()
+    with pytest.raises(_local.LocalError, match="rank 1 of the group exited while this rank "
+                                                "waited for it"):
+        groups[0].all_reduce(torch.ones(4, dtype=torch.float64))
+    assert time.monotonic() - start < 5, "the exit should be seen long before the timeout"
+
+
+def test_buffers_of_different_lengths_are_an_error_on_every_rank(tmp_path):
+    groups = _groups(tmp_path, 2)
+    errors = _run(groups, [torch.ones(5, dtype=torch.float64), torch.ones(7, dtype=torch.float64)])
+    assert "rank 1 of the group sent 7 numbers, this rank 5" in errors[0], errors
+    assert "rank 0 of the group sent 5 numbers, this rank 7" in errors[1], errors
+
+
+def test_a_buffer_longer_than_the_slots_is_refused(tmp_path):
+    groups = _groups(tmp_path, 2, slot_len=8)
+    with pytest.raises(_local.LocalError, match="9 numbers do not fit the group's shared-memory "
+                                                "slots of 8"):
+        groups[0].all_reduce(torch.ones(9, dtype=torch.float64))
+
+
+def test_the_segment_has_no_name_once_mapped(tmp_path):
+    groups = _groups(tmp_path, 2)
+    assert not os.path.exists(groups[0].path)
+    buffers = [torch.full((3,), 1.0, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64)]
+    assert _run(groups, buffers) == [None, None]
+    assert buffers[0].tolist() == [3.0, 3.0, 3.0]
