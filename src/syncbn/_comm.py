@@ -305,7 +305,7 @@ def _group_timeout(pg: Any) -> float:
     """The process group's timeout in seconds (the bound on every wait)."""
     try:
         return float(pg._get_backend(torch.device("cpu")).options._timeout.total_seconds())
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # not gloo, or another torch
         return float(dist.default_pg_timeout.total_seconds())
 
 

@@ -5,9 +5,12 @@ syncbn's synchronized pass has two implementations with the same results up to f
 * **fused** (CPU, float32/float64, contiguous or channels_last): one C pass over the data per
   step (statistics, normalize, backward reductions, grad_input), with the per-channel math, the
   collective's header and the running statistics done in C as well. No torch headers: the
-  ~600-line C file builds with the system C compiler in a few seconds, once per machine, into a
-  cache directory, and is called through ``ctypes``.
+  ~800 lines of C build with the system C compiler in a few seconds, once per machine, into a
+  cache directory, and are called through ``ctypes``.
 * **aten** (everything else, GPU included): torch operators only (``_stats.py``).
+
+The same library holds the shared-memory all_reduce of ranks on one machine (``csrc/local.h``,
+used by ``_comm`` through ``_local``), whichever path computes.
 
 ``SYNCBN_KERNEL`` picks: ``auto`` (default: fused where it applies and builds, else aten, with
 one warning saying why), ``fused`` (fused where it applies; an error if it cannot be built) or
