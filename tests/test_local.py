@@ -111,3 +111,30 @@ def test_the_segment_has_no_name_once_mapped(tmp_path):
     buffers = [torch.full((3,), 1.0, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64)]
     assert _run(groups, buffers) == [None, None]
     assert buffers[0].tolist() == [3.0, 3.0, 3.0]
+
+
+def test_a_wait_can_be_interrupted(tmp_path):
+    """The kernel hands back to Python every 100 ms of waiting, so a signal (Ctrl-C) is handled
+    long before the group's timeout; the segment is then marked unusable."""
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    groups = _groups(tmp_path, 2, timeout=30.0)
+    previous = signal.signal(signal.SIGUSR1, handler)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Interrupted):
+            groups[0].all_reduce(torch.ones(4, dtype=torch.float64))
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert time.monotonic() - start < 5, "the signal waited for the timeout"
+    with pytest.raises(_local.LocalError, match="interrupted while waiting"):
+        groups[0].all_reduce(torch.ones(4, dtype=torch.float64))

@@ -11,6 +11,7 @@ import ctypes
 import mmap
 import os
 import tempfile
+import time
 import uuid
 from typing import Any
 
@@ -100,9 +101,20 @@ class LocalGroup:
             raise LocalError(f"the group's shared-memory all_reduce failed earlier ({self.broken})")
         self.seq += 1
         timeout_ns = self.timeout_ns if timeout_s is None else int(timeout_s * 1e9)
-        code = self._fn(_LOCAL_ARGS.pack(
-            self.base, self.world, self.rank, self.seq, buffer.data_ptr(), buffer.numel(),
-            self.slot_len, timeout_ns, int(spin_us * 1e3), ctypes.addressof(self._detail), 0))
+        start, resume, code = time.monotonic_ns(), 0, _AGAIN
+        try:
+            # The kernel returns every 100 ms of waiting, so that signals (Ctrl-C) get handled
+            # here; it then resumes the same wait (its buffer is already published).
+            while code == _AGAIN:
+                left = max(timeout_ns - (time.monotonic_ns() - start), 0)
+                code = self._fn(_LOCAL_ARGS.pack(
+                    self.base, self.world, self.rank, self.seq, buffer.data_ptr(),
+                    buffer.numel(), self.slot_len, left, 0 if resume else int(spin_us * 1e3),
+                    ctypes.addressof(self._detail), resume))
+                resume = 1
+        except BaseException:  # interrupted mid-wait: this rank is a pass ahead of the others
+            self.broken = "interrupted while waiting"
+            raise
         if code == 0:
             return
         who = int(self._detail[0])
@@ -127,4 +139,5 @@ class LocalGroup:
 
 
 _LOCAL_ARGS = _kernel.ARG_FORMATS["local_allreduce"]
+_AGAIN = 5  # LOCAL_AGAIN in local.h
 

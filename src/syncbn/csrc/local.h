@@ -32,13 +32,18 @@ typedef struct {
 _Static_assert(sizeof(local_control) == 64, "local_control");
 
 /* Argument block of syncbn_local_allreduce ("<11q"): the segment, this rank, the pass, the
- * buffer (summed in place), the wait limits, and where to say who failed. */
+ * buffer (summed in place), the wait limits, where to say who failed, and whether this call
+ * resumes a wait (the buffer is already published) after LOCAL_AGAIN. */
 typedef struct {
-  i64 base, world, rank, seq, buf, len, slot_len, timeout_ns, spin_ns, detail, pad;
+  i64 base, world, rank, seq, buf, len, slot_len, timeout_ns, spin_ns, detail, resume;
 } local_args;
 _Static_assert(sizeof(local_args) == 11 * 8, "local_args");
 
-enum { LOCAL_OK = 0, LOCAL_TIMEOUT = 1, LOCAL_EXITED = 2, LOCAL_LENGTH = 3, LOCAL_TOO_LONG = 4 };
+enum { LOCAL_OK = 0, LOCAL_TIMEOUT = 1, LOCAL_EXITED = 2, LOCAL_LENGTH = 3, LOCAL_TOO_LONG = 4,
+       LOCAL_AGAIN = 5 };
+/* A wait returns LOCAL_AGAIN after this long, so that the caller (Python) can handle signals,
+ * e.g. Ctrl-C, and call again with resume = 1. */
+#define LOCAL_SLICE_NS 100000000
 
 static i64 local_now_ns(void) {
   struct timespec t;
@@ -73,9 +78,11 @@ int syncbn_local_allreduce(const local_args *a) {
     detail[0] = me;
     return LOCAL_TOO_LONG;
   }
-  memcpy(slots + (me * 2 + gen) * slot, buf, sizeof(double) * (size_t)len);
-  ctl[me].len[gen] = len;
-  __atomic_store_n(&ctl[me].seq, k, __ATOMIC_RELEASE);
+  if (!a->resume) {
+    memcpy(slots + (me * 2 + gen) * slot, buf, sizeof(double) * (size_t)len);
+    ctl[me].len[gen] = len;
+    __atomic_store_n(&ctl[me].seq, k, __ATOMIC_RELEASE);
+  }
   i64 start = local_now_ns(), next_check = 0;
   for (i64 j = 0; j < W; ++j) {
     unsigned spins = 0;
@@ -91,6 +98,7 @@ int syncbn_local_allreduce(const local_args *a) {
         detail[0] = j;
         return LOCAL_TIMEOUT;
       }
+      if (now > LOCAL_SLICE_NS) return LOCAL_AGAIN;
       if (now >= next_check) { /* about every millisecond: is rank j still alive? */
         next_check = now + 1000000;
         if (local_exited(ctl[j].pid) &&
