@@ -121,7 +121,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        check_input(input, self.num_features, self.layer_description())
+        check_input(input, self.num_features, self._tag.description)  # layer_description()
         # An activation-checkpoint recompute runs the forward again inside the backward: it
         # must normalize the same way but not count the batch or update the statistics twice.
         recompute = self.training and not _comm.compiling() and torch._C._current_graph_task_id() != -1

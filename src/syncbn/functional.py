@@ -83,7 +83,8 @@ def sync_batch_norm(
         >>> torch.allclose(y, F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True))
         True
     """
-    check_input(input, None, "sync_batch_norm")
+    if _tag is None:  # a module has checked its input already, against its num_features
+        check_input(input, None, "sync_batch_norm")
     if not will_sync(training, process_group):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
