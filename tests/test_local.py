@@ -138,3 +138,19 @@ def test_a_wait_can_be_interrupted(tmp_path):
     assert time.monotonic() - start < 5, "the signal waited for the timeout"
     with pytest.raises(_local.LocalError, match="interrupted while waiting"):
         groups[0].all_reduce(torch.ones(4, dtype=torch.float64))
+
+
+def test_a_segment_that_cannot_be_made_leaves_nothing(tmp_path, monkeypatch):
+    """No room for the segment (a full /dev/shm): an OSError at set-up (the group then uses the
+    backend), never a SIGBUS at the first write, and no file left behind."""
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform: nothing reserves the segment")
+
+    def full(fd, offset, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    path = tmp_path / "segment"
+    with pytest.raises(OSError, match="No space left"):
+        _local.LocalGroup(str(path), 2, 0, 16, 5.0, os.getpid(), create=True)
+    assert not path.exists()

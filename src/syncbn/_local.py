@@ -73,9 +73,15 @@ class LocalGroup:
         try:
             if create:
                 os.ftruncate(fd, size)
+                if hasattr(os, "posix_fallocate"):  # reserve it now: a full /dev/shm is an
+                    os.posix_fallocate(fd, 0, size)  # OSError here, not a SIGBUS on a write
             elif os.fstat(fd).st_size != size:
                 raise OSError(f"{path}: {os.fstat(fd).st_size} bytes, expected {size}")
             self._map = mmap.mmap(fd, size)
+        except OSError:
+            if create:  # made here, not usable: leave nothing behind
+                self.unlink()
+            raise
         finally:
             os.close(fd)
         self._anchor = ctypes.c_char.from_buffer(self._map)  # keeps the mapping's address
