@@ -103,13 +103,18 @@ def get() -> Any | None:
     m = mode()
     if m == "aten":
         return None
+    _ensure_loaded()
+    if _state["lib"] is None and m == "fused":
+        raise KernelUnavailable(f"syncbn: SYNCBN_KERNEL=fused, but {_state['error']}")
+    return _state["lib"]
+
+
+def _ensure_loaded() -> None:
+    """Build or load the library once per process (under a lock: threads may race here)."""
     if not _state["tried"]:
         with _lock:
             if not _state["tried"]:
                 _load()
-    if _state["lib"] is None and m == "fused":
-        raise KernelUnavailable(f"syncbn: SYNCBN_KERNEL=fused, but {_state['error']}")
-    return _state["lib"]
 
 
 def build_info() -> dict[str, Any]:
@@ -307,10 +312,7 @@ def local_allreduce() -> Any | None:
     """The kernel's shared-memory all_reduce (``csrc/local.h``; one block packed with
     ``ARG_FORMATS["local_allreduce"]``), or None when the kernel is not loaded (whatever
     ``SYNCBN_KERNEL`` says: the transport does not depend on the path)."""
-    if not _state["tried"]:
-        with _lock:
-            if not _state["tried"]:
-                _load()
+    _ensure_loaded()
     return _state.get("local_allreduce")
 
 
