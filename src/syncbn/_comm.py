@@ -216,13 +216,16 @@ def synced_sum(payload: Tensor, tag: LayerTag, direction: int, channels: int,
 
 def all_reduce_buffer(buffer: Tensor, payload_size: int, tag: LayerTag, direction: int,
                       channels: int, process_group: Any | None = None,
-                      shape: tuple[int, ...] = ()) -> None:
+                      shape: tuple[int, ...] = ()) -> int:
     """The one all_reduce (sum, in place) of a packed buffer of :func:`buffer_length` numbers
-    whose payload is ``buffer[1:1 + payload_size]``; errors are rewrapped naming the layer."""
-    if not compiling():
+    whose payload is ``buffer[1:1 + payload_size]``; errors are rewrapped naming the layer.
+    Returns the group's size (the header check needs it)."""
+    traced = compiling()
+    if not traced:
         check_pending()
-    if group_size(process_group) == 1:
-        return  # a group of one rank: the sum is the buffer itself, nothing to wait for
+    world = group_size(process_group)
+    if world == 1:
+        return world  # a group of one rank: the sum is the buffer itself, nothing to wait for
     count = tag.passes(direction)
     debug = debug_level()
     if debug:
@@ -230,10 +233,10 @@ def all_reduce_buffer(buffer: Tensor, payload_size: int, tag: LayerTag, directio
                       process_group, shape)
     start = time.perf_counter()
     try:
-        local = None if compiling() else _local_group(process_group, buffer)
+        local = None if traced else _local_group(process_group, buffer)
         if local is not None:
             local.all_reduce(buffer, spin_us=poll_microseconds())
-        elif compiling():  # traced: the backend's all_reduce, the way torch.compile knows it
+        elif traced:  # the backend's all_reduce, the way torch.compile knows it
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group)
         else:
             work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=process_group,
@@ -252,8 +255,8 @@ def all_reduce_buffer(buffer: Tensor, payload_size: int, tag: LayerTag, directio
         _waited[0] += time.perf_counter() - start
     if debug >= 2:
         log.info("syncbn: %s %s pass #%d synced over %d ranks (%d numbers)",
-                 tag.description, _DIRECTIONS[direction], count, group_size(process_group),
-                 buffer.numel())
+                 tag.description, _DIRECTIONS[direction], count, world, buffer.numel())
+    return world
 
 
 # ------------------------------------------------------------------ same-machine transport

@@ -59,11 +59,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         if not _comm.compiling():  # compiled graphs trace torch operators: the ATen path
             geom = _kernel.geometry(input, weight, bias, running_mean, running_var)
-            if geom is not None:
-                lib = _kernel.get()
-                if lib is not None:
-                    return _forward_fused(ctx, lib, geom, input, weight, bias, running_mean,
-                                          running_var, eps, momentum, process_group, tag)
+            if geom is not None and _kernel.get() is not None:
+                return _forward_fused(ctx, geom, input, weight, bias, running_mean, running_var,
+                                      eps, momentum, process_group, tag)
         ctx.fused = None
         channels = input.shape[1]
         n_local = _stats.local_count(input)
@@ -147,7 +145,7 @@ def _one_value_error(input: Tensor, process_group: Any | None) -> ValueError:
 _POLICY_CODES = {"propagate": 0, "skip": 1, "raise": 2}
 
 
-def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: Tensor,
+def _forward_fused(ctx: Any, geom: tuple[int, int, int, int], input: Tensor,
                    weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                    running_var: Tensor | None, eps: float, momentum: float,
                    process_group: Any | None, tag: _comm.LayerTag) -> Tensor:
@@ -169,9 +167,8 @@ def _forward_fused(ctx: Any, lib: Any, geom: tuple[int, int, int, int], input: T
     # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> buffer_length(C)
     if forward_reduce(_REDUCE_FWD.pack(x, n, channels, s, nsc, threads, at, length, *fields)):
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
-    _comm.all_reduce_buffer(buffer, 2 * channels + 1, tag, _comm.FORWARD, channels,
-                            process_group, input.shape)
-    world = float(_comm.group_size(process_group))
+    world = float(_comm.all_reduce_buffer(buffer, 2 * channels + 1, tag, _comm.FORWARD,
+                                          channels, process_group, input.shape))
     # Header check, global mean/invstd and (when the global count is >= 2) the running
     # statistics, in float64 from the identical reduced buffer (bitwise equal on every rank),
     # then the normalization.
@@ -211,9 +208,9 @@ def _backward_fused(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     backward_reduce, backward_apply = _kernel.calls(input.dtype)[2:]
     threads = torch.get_num_threads()
     tag = ctx.tag
-    dy = grad_output
-    if dy.dtype != input.dtype or not dy.is_contiguous(memory_format=_kernel.layout_of(input, nsc)):
-        dy = dy.to(input.dtype).contiguous(memory_format=_kernel.layout_of(input, nsc))
+    dy, layout = grad_output, _kernel.layout_of(input, nsc)
+    if dy.dtype != input.dtype or not dy.is_contiguous(memory_format=layout):
+        dy = dy.to(input.dtype).contiguous(memory_format=layout)
     grad_in = torch.empty_like(input) if need_input else None  # large first: see the forward
     grad_weight = torch.empty(channels, dtype=weight.dtype) if need_weight else None
     grad_bias = torch.empty(channels, dtype=ctx.bias_dtype) if need_bias else None
