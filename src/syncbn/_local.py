@@ -97,8 +97,7 @@ class LocalGroup:
         except FileNotFoundError:
             pass
 
-    def all_reduce(self, buffer: torch.Tensor, timeout_s: float | None = None,
-                   spin_us: float = 2000.0) -> None:
+    def all_reduce(self, buffer: torch.Tensor, spin_us: float = 2000.0) -> None:
         """Sum the contiguous CPU float64 ``buffer`` over the group, in place.
 
         Raises :class:`LocalError` when a rank does not arrive within the timeout, has exited,
@@ -106,7 +105,7 @@ class LocalGroup:
         if self.broken:
             raise LocalError(f"the group's shared-memory all_reduce failed earlier ({self.broken})")
         self.seq += 1
-        timeout_ns = self.timeout_ns if timeout_s is None else int(timeout_s * 1e9)
+        timeout_ns = self.timeout_ns
         start, resume, code = time.monotonic_ns(), 0, _AGAIN
         try:
             # The kernel returns every 100 ms of waiting, so that signals (Ctrl-C) get handled
