@@ -377,9 +377,6 @@ def _maxrss_bytes() -> int:
     return kb if sys.platform == "darwin" else kb * 1024
 
 
-_E2E_GROUP: dict[str, Any] = {}  # the own-group contender's group
-
-
 def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any]) -> dict:
     import torch.distributed as dist
 
@@ -387,11 +384,12 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
 
     torch.manual_seed(0)
     model = make_resnet18(opts["e2e_width"])
+    group = None  # syncbn's: the default group, or one of its own
     if opts["contender"] == "syncbn":
         model = syncbn.convert_sync_batchnorm(model)
     elif opts["contender"] == "syncbn_own_group":  # a group of its own: not queued behind DDP's
-        _E2E_GROUP["group"] = dist.new_group(list(range(world)))
-        model = syncbn.convert_sync_batchnorm(model, _E2E_GROUP["group"])
+        group = dist.new_group(list(range(world)))
+        model = syncbn.convert_sync_batchnorm(model, group)
     model = model.to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -413,7 +411,7 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
         base = _rss_bytes()
     for _ in range(opts["warmup"]):
         step()
-    from syncbn._comm import collective_seconds
+    from syncbn._comm import collective_seconds, transport
 
     times, waits = [], []
     for _ in range(opts["e2e_steps"]):
@@ -436,14 +434,8 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
     return {"e2e": {"contender": opts["contender"], "rank": rank, "world_size": world,
                     "step_median_ms": statistics.median(times), "step_min_ms": min(times),
                     "collective_median_ms": statistics.median(waits),
-                    "transport": _comm_transport(opts), "steps": len(times), **mem}}
-
-
-def _comm_transport(opts: dict[str, Any]) -> str | None:
-    """How syncbn's collectives travelled (``shm`` or the backend), None for plain BN."""
-    from syncbn import _comm
-
-    return None if opts["contender"] == "torch_bn" else _comm.transport(_E2E_GROUP.get("group"))
+                    "transport": None if opts["contender"] == "torch_bn" else transport(group),
+                    "steps": len(times), **mem}}
 
 
 # --------------------------------------------------------------------------- launching
