@@ -59,9 +59,11 @@ def _serve(rank: int, tasks: Any, results: Any) -> None:
 
 def _child(rank: int, world_size: int, store_path: str, backend: str, device: str,
            worker: Callable[..., Any], args: tuple, pg_timeout: float, kernel: str,
-           results: Any) -> None:
+           env: dict[str, str], results: Any) -> None:
     torch.set_num_threads(1)
     os.environ["SYNCBN_KERNEL"] = kernel
+    before = {k: os.environ.get(k) for k in env}  # this task's settings only: ranks are reused
+    os.environ.update(env)
     try:
         if device == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -77,6 +79,12 @@ def _child(rank: int, world_size: int, store_path: str, backend: str, device: st
         results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, "error", traceback.format_exc()))
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _all_joined(store: Any, world_size: int, timeout: float) -> None:
@@ -115,13 +123,14 @@ _pools: dict[int, _Pool] = {}
 def run(worker: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any,
         backend: str = "gloo", device: str = "cpu", timeout: float = 120.0,
         pg_timeout: float = PG_TIMEOUT_S, fresh: bool = False,
-        kernel: str | None = None) -> list[Any]:
+        kernel: str | None = None, env: dict[str, str] | None = None) -> list[Any]:
     """Run ``worker(rank, world_size, *args)`` on ``world_size`` ranks; their values by rank.
 
-    ``kernel`` is ``SYNCBN_KERNEL`` in the ranks (default :data:`KERNEL`)."""
+    ``kernel`` is ``SYNCBN_KERNEL`` in the ranks (default :data:`KERNEL`); ``env``, more
+    environment settings in the ranks for this run only."""
     store_path = str(tmp_path / f"store-{time.monotonic_ns()}")
     task = (world_size, store_path, backend, device, worker, args, pg_timeout,
-            kernel or KERNEL)
+            kernel or KERNEL, env or {})
     if fresh:
         ctx = mp.get_context("spawn")
         results = ctx.Queue()

@@ -19,15 +19,15 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("kernel")]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
-def _run(worker, world_size, tmp_path, cfg, device="cpu"):
+def _run(worker, world_size, tmp_path, cfg, device="cpu", env=None):
     if device == "cuda":
         reason = harness.cuda_skip_reason(world_size)
         if reason:
             pytest.skip(reason)
         cfg = {**cfg, "device": "cuda"}
-        return harness.run(worker, world_size, tmp_path, cfg, device="cuda",
+        return harness.run(worker, world_size, tmp_path, cfg, device="cuda", env=env,
                            backend=harness.cuda_backend(world_size))
-    return harness.run(worker, world_size, tmp_path, cfg)
+    return harness.run(worker, world_size, tmp_path, cfg, env=env)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,9 +101,8 @@ def test_ranks_on_different_paths_agree(tmp_path, dtype, layout):
 def test_wait_policies_are_exact(tmp_path, poll):
     """SYNCBN_POLL_US=0 blocks in every collective at once; a huge budget never blocks (polls
     until done). Both give the exact result."""
-    cfg = {"sizes": [3, 0, 4], "tail": (3, 4, 5), "dtype": "float64", "layer": "2d", "steps": 2,
-           "env": {"SYNCBN_POLL_US": poll}}
-    _run(workers.exactness, 3, tmp_path, cfg)
+    cfg = {"sizes": [3, 0, 4], "tail": (3, 4, 5), "dtype": "float64", "layer": "2d", "steps": 2}
+    _run(workers.exactness, 3, tmp_path, cfg, env={"SYNCBN_POLL_US": poll})
 
 
 def test_large_mean_over_std_float32(tmp_path):
@@ -125,7 +124,7 @@ def test_one_collective_per_pass(tmp_path, shm, transport):
     """One all_reduce per pass on either transport: ranks of one machine in shared memory
     (SYNCBN_SHM=auto, the default), or the process group's (SYNCBN_SHM=off)."""
     out = harness.run(workers.uses_one_collective, 3, tmp_path,
-                      {"channels": 5, "sizes": [2, 0, 3], "env": {"SYNCBN_SHM": shm}},
+                      {"channels": 5, "sizes": [2, 0, 3]}, env={"SYNCBN_SHM": shm},
                       fresh=True)  # fresh processes: no wider layer was built before
     # payload 2C + 1 (forward) or 2C (backward), padded to the widest layer (at least 64 channels:
     # 2 * 64 + 1), plus the header: two sentinels and (f, f^2) for 6 fields
@@ -188,7 +187,7 @@ def test_double_backward_raises_clearly(tmp_path):
 
 # --- misuse: every rank that is left waiting or out of step raises a clear error, in bounded time
 
-def _misuse(tmp_path, scenario, world_size=2, device="cpu", **cfg):
+def _misuse(tmp_path, scenario, world_size=2, device="cpu", env=None, **cfg):
     kw = {}
     if device == "cuda":
         reason = harness.cuda_skip_reason(world_size)
@@ -197,7 +196,7 @@ def _misuse(tmp_path, scenario, world_size=2, device="cpu", **cfg):
         cfg["device"] = "cuda"
         kw = {"device": "cuda", "backend": harness.cuda_backend(world_size)}
     return harness.run(workers.misuse, world_size, tmp_path, {"scenario": scenario, **cfg},
-                       pg_timeout=5, timeout=90, fresh=True, **kw)
+                       pg_timeout=5, timeout=90, fresh=True, env=env, **kw)
 
 
 @pytest.mark.parametrize("world_size,device", [(2, "cpu"), (3, "cpu"), pytest.param(2, "cuda", marks=pytest.mark.cuda)])

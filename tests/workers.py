@@ -43,31 +43,10 @@ def _group(cfg: dict[str, Any], rank: int) -> tuple[Any, list[int]]:
     raise AssertionError(f"rank {rank} in no group of {groups}")
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Any:
-    """Set environment variables for the block (pooled ranks run later tasks too)."""
-    import os
-
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """Forward/backward ``steps`` times on shard ``sizes[rank]`` and compare with the reference.
 
-    ``cfg["kernels"]``, when given, is ``SYNCBN_KERNEL`` per rank (ranks on different paths);
-    ``cfg["env"]`` are environment settings for this run only."""
-    if cfg.get("env"):
-        with _environ(cfg["env"]):
-            return exactness(rank, world_size, {**cfg, "env": None})
+    ``cfg["kernels"]``, when given, is ``SYNCBN_KERNEL`` per rank (ranks on different paths)."""
     if cfg.get("kernels"):
         import os
 
@@ -203,9 +182,6 @@ def expect_error(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
 def uses_one_collective(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """Count collectives and their sizes in one training forward and backward, on either
     transport (the backend's all_reduce, or the same-machine shared-memory one)."""
-    if cfg.get("env"):
-        with _environ(cfg["env"]):
-            return uses_one_collective(rank, world_size, {**cfg, "env": None})
     from syncbn import _comm, _local
 
     calls: list[tuple[str, int, torch.dtype]] = []
@@ -411,9 +387,6 @@ def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
     import os
     import time
 
-    if cfg.get("env"):
-        with _environ(cfg["env"]):
-            return misuse(rank, world_size, {**cfg, "env": None})
     if cfg.get("debug"):
         os.environ["SYNCBN_DEBUG"] = "1"
     scenario = cfg["scenario"]
