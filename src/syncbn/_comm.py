@@ -397,9 +397,8 @@ def _poll(work: Any, start: float) -> None:
     :func:`poll_microseconds`, then let the caller block in ``work.wait()``.
 
     A blocked rank's core can go idle while the peers' data is on its way, and waking an idle
-    core (a virtual CPU above all) costs far more than the small all_reduce itself: on the
-    2-core VM of benchmarks/RESULTS.md, 1-1.4 ms per collective in a layer's step against
-    0.2-0.3 ms polled. Yielding lets the process group's own threads, which do the transfer,
+    core (a virtual CPU above all) costs far more than the small all_reduce itself (measured in
+    benchmarks/RESULTS.md, "The collective alone"). Yielding lets the process group's own threads, which do the transfer,
     run on the same core. A failed or timed-out collective completes too, and ``wait()`` then
     raises its error."""
     budget = poll_microseconds() * 1e-6
