@@ -86,3 +86,67 @@ def compiled_sync_training(rank: int, world_size: int, cfg: dict[str, Any]) -> d
     for key, value in expected.items():
         assert_matches(state[key].double(), value, torch.float64, f"rank {rank} {key} (compiled)")
     return {"error": None, "seconds": elapsed}
+
+
+def fullgraph_training(rank: int, world_size: int, sizes: list[int], steps: int,
+                       backend: str) -> dict[str, Any]:
+    """A synchronized model compiled with ``fullgraph=True`` (no graph break allowed) trained on
+    this rank's shard: per step, equal to the same model in eager mode on this rank (losses, and
+    every parameter and buffer after training), and to plain BatchNorm on the concatenated
+    global batches in float64. Returns the graph-break count that ``torch._dynamo.explain``
+    reports for the synchronized model."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    lo = sum(sizes[:rank])
+    shards = [(x[lo:lo + sizes[rank]], y[lo:lo + sizes[rank]]) for x, y in global_batches(sizes, steps)]
+    scale = world_size / sum(sizes)
+    eager = syncbn.convert_sync_batchnorm(make_net())
+    eager_losses = train(eager, shards, scale, world_size)
+    model = syncbn.convert_sync_batchnorm(make_net())
+    try:
+        losses = train(torch.compile(model, backend=backend, fullgraph=True), shards, scale,
+                       world_size)
+        probe = syncbn.convert_sync_batchnorm(make_net())  # every rank runs explain: it syncs
+        explained = torch._dynamo.explain(probe)(shards[0][0])
+    finally:
+        torch._dynamo.reset()
+    for step, (a, b) in enumerate(zip(losses, eager_losses)):
+        assert abs(a - b) <= 1e-12 * max(1.0, abs(b)), f"rank {rank} step {step}: loss {a} vs eager {b}"
+    expected, state, eager_state = reference(sizes, steps), model.state_dict(), eager.state_dict()
+    for key, value in expected.items():
+        assert_matches(state[key].double(), value, torch.float64, f"rank {rank} {key} (compiled)")
+        torch.testing.assert_close(state[key], eager_state[key], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m, key=key: f"rank {rank} {key}: compiled vs eager: {m}")
+    assert int(model[1].num_batches_tracked) == steps
+    return {"graph_breaks": explained.graph_break_count, "graphs": explained.graph_count}
+
+
+class _Branchy(nn.Module):
+    """Two synchronized layers; ``skip`` leaves the first one out (a rank that skips a layer)."""
+
+    def __init__(self, skip: bool) -> None:
+        super().__init__()
+        self.skip = skip
+        self.bn1, self.bn2 = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.skip:
+            x = self.bn1(x)
+        return self.bn2(x)
+
+
+def fullgraph_out_of_step(rank: int, world_size: int, skipping_rank: int) -> str:
+    """Compiled (fullgraph) models where one rank skips a layer: the out-of-step error must
+    still come, from inside the registered op, on every rank. Returns the error text."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = syncbn.convert_sync_batchnorm(_Branchy(skip=rank == skipping_rank))
+    try:
+        torch.compile(model, backend="aot_eager", fullgraph=True)(torch.randn(3, 4))
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        torch._dynamo.reset()
+    return ""

@@ -64,6 +64,7 @@ def _child(rank: int, world_size: int, store_path: str, backend: str, device: st
     os.environ["SYNCBN_KERNEL"] = kernel
     before = {k: os.environ.get(k) for k in env}  # this task's settings only: ranks are reused
     os.environ.update(env)
+    _reload_settings()
     try:
         if device == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -85,6 +86,14 @@ def _child(rank: int, world_size: int, store_path: str, backend: str, device: st
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _reload_settings()
+
+
+def _reload_settings() -> None:
+    """syncbn reads its SYNCBN_* settings once: a reused rank reads this task's again."""
+    from syncbn import _settings
+
+    _settings.reload()
 
 
 def _all_joined(store: Any, world_size: int, timeout: float) -> None:

@@ -7,8 +7,10 @@
   plain BatchNorm on the concatenated batch. The ranks use the ``aot_eager`` backend (Dynamo +
   AOTAutograd, where an ``autograd.Function`` with collectives meets the compiler); the same test
   with inductor is opt-in (``SYNCBN_SLOW_TESTS=1``): its cold compile takes minutes on 2 cores.
-* ``fullgraph=True`` on the synchronized path either trains exactly or is refused at compile time
-  on every rank, never a wrong result or a hang.
+* ``fullgraph=True`` on the synchronized path (registered ops ``syncbn::forward`` and
+  ``syncbn::backward``): no graph break, training equal to eager and to the float64 reference at
+  2 and 3 ranks (one of them empty), on both transports; a rank out of step still gets the
+  layer-named error from inside the op.
 """
 
 from __future__ import annotations
@@ -84,12 +86,21 @@ def test_compile_inductor_sync_path_equals_reference(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_compile_sync_path_fullgraph_is_exact_or_refused(tmp_path):
-    out = _sync(tmp_path, {"backend": "aot_eager", "fullgraph": True})
-    errors = [r["error"] for r in out]
-    # Either every rank trained exactly (checked in the worker), or every rank refused to
-    # compile, at the same place.
-    assert errors[0] == errors[1], errors
-    if errors[0] is not None:
-        assert errors[0].startswith("Unsupported"), errors[0]
-        print(f"fullgraph=True on the synchronized path is refused: {errors[0].splitlines()[0]}")
+@pytest.mark.parametrize("sizes", [[3, 2], [3, 0, 2]], ids=["2-ranks", "3-ranks-one-empty"])
+@pytest.mark.parametrize("shm", ["auto", "off"], ids=["shm", "gloo"])
+def test_compile_fullgraph_sync_path_equals_eager_and_reference(tmp_path, sizes, shm):
+    """``fullgraph=True`` on the synchronized path: no graph break, training equal to eager and
+    to plain BatchNorm on the concatenated batch, on both transports."""
+    out = harness.run(cw.fullgraph_training, len(sizes), tmp_path, sizes, STEPS, "aot_eager",
+                      env={"SYNCBN_SHM": shm}, fresh=True, timeout=240)
+    for rank in out:
+        assert rank["graph_breaks"] == 0 and rank["graphs"] == 1, out
+
+
+@pytest.mark.timeout(200)
+def test_compile_fullgraph_out_of_step_raises_on_every_rank(tmp_path):
+    errors = harness.run(cw.fullgraph_out_of_step, 2, tmp_path, 1, fresh=True, timeout=180)
+    for e in errors:
+        assert "syncbn: ranks are out of step at SyncBatchNorm1d(4)" in e, errors
+    assert "SyncBatchNorm1d(4) 'bn1', forward pass #1" in errors[0], errors
+    assert "the other rank was at SyncBatchNorm1d(4) 'bn2'" in errors[0], errors

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import harness
 from reference import assert_matches, make_data
-from syncbn import _comm, _function, _kernel
+from syncbn import _backend_c, _function, _kernel, _settings, _wire
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,9 +47,9 @@ def process_group(tmp_path_factory):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the calls of ``_forward_fused`` and ``_backward_fused`` (which still run)."""
+    """Counts the calls of the C backend's forward and backward reduce steps (which still run)."""
     calls = {"forward": 0, "backward": 0}
-    forward, backward = _function._forward_fused, _function._backward_fused
+    forward, backward = _backend_c.forward_reduce, _backend_c.backward_reduce
 
     def counting_forward(*args, **kwargs):
         calls["forward"] += 1
@@ -59,8 +59,8 @@ def spy(monkeypatch):
         calls["backward"] += 1
         return backward(*args, **kwargs)
 
-    monkeypatch.setattr(_function, "_forward_fused", counting_forward)
-    monkeypatch.setattr(_function, "_backward_fused", counting_backward)
+    monkeypatch.setattr(_backend_c, "forward_reduce", counting_forward)
+    monkeypatch.setattr(_backend_c, "backward_reduce", counting_backward)
     return calls
 
 
@@ -101,11 +101,12 @@ def _copy(t, grad=False):
 
 
 def _sync(x, dy, weight, bias, rmean, rvar, eps=1e-5, momentum=0.1) -> dict[str, Any]:
-    """One forward/backward of the synchronized Function (path from SYNCBN_KERNEL)."""
-    tag = _comm.LayerTag.for_layer("test_kernel", 0, "SyncBatchNorm(test_kernel)")
+    """One forward/backward of the synchronized Function (path from SYNCBN_KERNEL, read now)."""
+    _settings.reload()
+    layer = _function.layer_id(_wire.LayerTag.for_layer("test_kernel", 0, "SyncBatchNorm(test_kernel)"))
     xl, wl, bl = (_copy(t, grad=True) for t in (x, weight, bias))
     rm, rv = _copy(rmean), _copy(rvar)
-    y = _function.SyncBatchNormFunction.apply(xl, wl, bl, rm, rv, eps, momentum, None, tag)
+    y, _ = _function.SyncBatchNormFunction.apply(xl, wl, bl, rm, rv, eps, momentum, 0, layer)
     y.backward(dy)
     return {"y": y.detach(), "dx": xl.grad, "dw": None if wl is None else wl.grad,
             "db": None if bl is None else bl.grad, "running_mean": rm, "running_var": rv}
@@ -385,7 +386,7 @@ _CHILD = textwrap.dedent("""
     import datetime, json, sys, warnings
     import torch
     import torch.distributed as dist
-    from syncbn import _comm, _function, _kernel
+    from syncbn import _function, _kernel, _wire
 
     store, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", store=dist.FileStore(store, 1), rank=0, world_size=1,
@@ -397,9 +398,9 @@ _CHILD = textwrap.dedent("""
         warnings.simplefilter("always")
         for step in range(2):  # the second pass must not warn again
             xl = x.clone().requires_grad_()
-            tag = _comm.LayerTag.for_layer("child", 0, "SyncBatchNorm(child)")
-            y = _function.SyncBatchNormFunction.apply(xl, None, None, None, None, 1e-5, 0.1,
-                                                      None, tag)
+            layer = _function.layer_id(_wire.LayerTag.for_layer("child", 0, "SyncBatchNorm(child)"))
+            y, _ = _function.SyncBatchNormFunction.apply(xl, None, None, None, None, 1e-5, 0.1,
+                                                         0, layer)
             y.backward(dy)
     torch.save({"x": x, "dy": dy, "y": y.detach(), "dx": xl.grad}, out)
     dist.destroy_process_group()

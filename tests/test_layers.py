@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 import syncbn
-from syncbn import _comm
+from syncbn import _comm, _settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -99,14 +99,29 @@ def test_bad_input_raises_before_any_collective(monkeypatch):
     def no_collective(*args, **kwargs):
         raise AssertionError("a collective was started before the input was checked")
 
-    monkeypatch.setattr(_comm, "synced_sum", no_collective)  # the ATen path's collective
-    monkeypatch.setattr(_comm, "all_reduce_buffer", no_collective)  # the fused kernel's
+    monkeypatch.setattr(_comm, "all_reduce", no_collective)  # the one collective of every backend
     layer = syncbn.SyncBatchNorm2d(3)
     for bad in (torch.randn(2, 3, 4), torch.randn(2, 4, 2, 2), torch.ones(2, 3, 2, 2, dtype=torch.int32)):
         with pytest.raises(ValueError):
             layer(bad)
     with pytest.raises(AssertionError, match="collective was started"):  # the spy does work
         layer(torch.randn(2, 3, 2, 2))
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_eval_mode_never_synchronizes(monkeypatch, track):
+    """Eval mode makes no collective, also without running statistics (where it normalizes with
+    the rank's own batch, like torch.nn.SyncBatchNorm): evaluating on one rank must not wait."""
+    monkeypatch.setattr(_comm, "group_size", lambda group=None: 2)
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("eval mode started a collective")
+
+    monkeypatch.setattr(_comm, "all_reduce", no_collective)
+    layer = syncbn.SyncBatchNorm2d(3, track_running_stats=track).eval()
+    plain = nn.BatchNorm2d(3, track_running_stats=track).eval()
+    x = torch.randn(4, 3, 2, 2) * 3 + 1
+    torch.testing.assert_close(layer(x), plain(x))
 
 
 def test_functional_validates_parameter_sizes(monkeypatch):
@@ -240,16 +255,29 @@ def test_bad_poll_setting_names_itself(monkeypatch, value):
     """SYNCBN_POLL_US must be a number of microseconds >= 0."""
     monkeypatch.setenv("SYNCBN_POLL_US", value)
     with pytest.raises(ValueError, match=rf"SYNCBN_POLL_US: expected a number of microseconds >= 0, got '{value}'"):
-        _comm.poll_microseconds()
+        _settings.reload()
+        _settings.get()
 
 
 @pytest.mark.parametrize("value,expected", [("", 2000.0), ("0", 0.0), ("150.5", 150.5)])
 def test_poll_setting(monkeypatch, value, expected):
     monkeypatch.setenv("SYNCBN_POLL_US", value)
-    assert _comm.poll_microseconds() == expected
+    _settings.reload()
+    assert _settings.get().poll_us == expected
+
+
+def test_settings_are_read_once_until_reload(monkeypatch):
+    monkeypatch.setenv("SYNCBN_NONFINITE", "skip")
+    _settings.reload()
+    assert _settings.get().nonfinite == "skip"
+    monkeypatch.setenv("SYNCBN_NONFINITE", "raise")
+    assert _settings.get().nonfinite == "skip"  # not read again on every pass
+    _settings.reload()
+    assert _settings.get().nonfinite == "raise"
 
 
 def test_bad_shm_setting_names_itself(monkeypatch):
     monkeypatch.setenv("SYNCBN_SHM", "yes")
+    _settings.reload()
     with pytest.raises(ValueError, match=r"SYNCBN_SHM: expected one of \('auto', 'off'\), got 'yes'"):
-        _comm.shm_mode()
+        _settings.get()

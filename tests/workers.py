@@ -141,17 +141,17 @@ def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]
 
 def _count_fused_passes() -> list[int]:
     """Count the forwards that take the fused kernel (wraps it for the rest of this task)."""
-    from syncbn import _function
+    from syncbn import _backend_c
 
     calls = [0]
-    original = getattr(_function._forward_fused, "__wrapped__", _function._forward_fused)
+    original = getattr(_backend_c.forward_reduce, "__wrapped__", _backend_c.forward_reduce)
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
         return original(*args, **kwargs)
 
     counted.__wrapped__ = original  # type: ignore[attr-defined]
-    _function._forward_fused = counted
+    _backend_c.forward_reduce = counted
     return calls
 
 
@@ -223,7 +223,7 @@ def late_wide_layer(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str
     """A layer wider than every earlier one, built after the group's first collectives: its
     buffers no longer fit the shared-memory slots made at set-up, so every rank sets up wider
     ones at the same pass. Its results are still those of the reference."""
-    from syncbn import _comm
+    from syncbn import _comm, _wire
 
     torch.manual_seed(0)
     narrow = syncbn.SyncBatchNorm1d(3).double()
@@ -243,13 +243,13 @@ def late_wide_layer(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str
     assert_matches(y.detach(), ref[0]["y"][rank], torch.float64, "late wide layer: output")
     assert_matches(x.grad, ref[0]["dx"][rank], torch.float64, "late wide layer: grad_input")
     return {"transport": _comm.transport(), "slots": [slot_before, _slot_len()],
-            "length": _comm.buffer_length(channels)}
+            "length": _wire.length(_wire.width_for(channels))}
 
 
 def _slot_len() -> int:
-    from syncbn import _comm
+    from syncbn import _shm
 
-    group = _comm._local_groups.get(dist.group.WORLD)
+    group = _shm._groups.get(dist.group.WORLD)
     return group.slot_len if group is not None else 0
 
 

@@ -1,242 +1,261 @@
-"""The autograd Function: the math of one synchronized batch-norm pass.
+"""The math of one synchronized batch-norm pass, and the two ways it is called.
 
-forward:  local moments -> one all_reduce (2C + 1 float64, + header) -> global mean/var -> normalize
-backward: local sum(dy), sum(dy * xhat) -> one all_reduce (2C float64, + header) -> grad_input
+Each direction is ``reduce -> one all_reduce -> apply``::
 
-Two implementations of the same steps: the fused C kernel (``_kernel.py``: CPU float32/float64
-input, contiguous or channels_last) and torch operators (``_stats.py``: everything else, GPU
-included). ``SYNCBN_KERNEL=aten`` forces the second.
+    forward:  backend.forward_reduce   local sum(x), sum(x**2), n      -> buffer (+ header)
+              _comm.all_reduce         the one collective               (2C + 1 numbers + header)
+              backend.forward_apply    header check, global mean/invstd, running statistics,
+                                       normalize                        -> out, stats
+    backward: backend.backward_reduce  local sum(dy), sum(dy * xhat)    -> buffer; local dweight, dbias
+              _comm.all_reduce         the one collective               (2C numbers + header)
+              backend.backward_apply   header check, grad_input
+
+A backend (``_backend_c.py`` the fused C kernel, ``_backend_torch.py`` torch operators,
+``_backend_triton.py`` Triton) implements those four steps and nothing else; all of them write
+and read the same buffer (``_wire.py``), so ranks on different backends can meet in one group.
+``stats`` is ``[mean (C), invstd (C), count (1)]`` in float64, whichever backend made it.
+
+Two doors to the same passes: eagerly, :class:`SyncBatchNormFunction` calls them directly (the
+fewest Python steps); under ``torch.compile`` it calls them through the registered ops
+``syncbn::forward`` and ``syncbn::backward``, which dynamo sees as opaque, known operators (with
+fake implementations for tracing), so a synchronized model compiles with ``fullgraph=True`` and
+its checks still run, at run time, inside the ops. Registered ops cost ~22 us per call more than
+a direct call in eager mode (measured: benchmarks/RESULTS.md), which is why eager does not use
+them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _comm, _kernel, _settings, _stats
+from . import _backend_c, _backend_torch, _comm, _settings, _stats, _wire
 
-__all__ = ["SyncBatchNormFunction", "nonfinite_policy"]
+__all__ = ["SyncBatchNormFunction", "backend_for", "backward_pass", "forward_pass",
+           "group_id", "layer_id"]
 
-NONFINITE_POLICIES = ("propagate", "skip", "raise")
+# Layers and groups as registered ops take them: integers (an op cannot take Python objects).
+_groups: dict[int, Any] = {0: None}  # 0: the default group
+_tags: dict[int, _wire.LayerTag] = {}
 
 
-def nonfinite_policy() -> str:
-    """``SYNCBN_NONFINITE``: what a NaN/Inf in the global batch statistics does.
+def group_id(process_group: Any | None) -> int:
+    """The integer a registered op takes for a process group (0: the default group)."""
+    if process_group is None:
+        return 0
+    key = id(process_group)
+    _groups.setdefault(key, process_group)
+    return key
 
-    ``propagate`` (default, like torch): it flows into the output and the running statistics.
-    ``skip``: the output is what it is, but the running statistics of the affected channels keep
-    their previous values (no device sync). ``raise``: a ``RuntimeError`` on every rank before
-    anything is updated (costs a device sync per pass on GPU).
-    """
-    value = _settings.get("SYNCBN_NONFINITE", "propagate")
-    if value not in NONFINITE_POLICIES:
-        raise ValueError(f"SYNCBN_NONFINITE: expected one of {NONFINITE_POLICIES}, got {value!r}")
-    return value
+
+def layer_id(tag: _wire.LayerTag) -> int:
+    """The integer a registered op takes for a layer's tag (kept alive here)."""
+    key = id(tag)
+    _tags[key] = tag
+    return key
+
+
+def backend_for(input: Tensor, *params: Tensor | None) -> Any:
+    """The backend of a pass on this input (``SYNCBN_KERNEL``): the fused C kernel where it
+    applies (``auto``, ``fused``), Triton where asked (``triton``), else torch operators."""
+    kernel = _settings.get().kernel
+    if kernel == "aten":
+        return _backend_torch
+    if kernel == "triton":
+        from . import _backend_triton
+
+        if not _backend_triton.applies(input, *params):
+            raise RuntimeError(
+                f"syncbn: SYNCBN_KERNEL=triton, but the Triton backend cannot take this pass "
+                f"(input {input.dtype} on {input.device}; it needs triton and a CUDA tensor, or "
+                "TRITON_INTERPRET=1 set before syncbn's first pass for CPU tensors)")
+        return _backend_triton
+    if _backend_c.applies(input, *params):
+        return _backend_c
+    return _backend_torch
+
+
+def _like(grad_output: Tensor, input: Tensor) -> Tensor:
+    """``grad_output`` in the input's dtype and memory layout (what the backends read)."""
+    if input.is_contiguous():
+        layout = torch.contiguous_format
+    elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        layout = torch.channels_last
+    elif input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        layout = torch.channels_last_3d
+    else:
+        return grad_output.to(input.dtype)
+    if grad_output.dtype != input.dtype or not grad_output.is_contiguous(memory_format=layout):
+        grad_output = grad_output.to(input.dtype).contiguous(memory_format=layout)
+    return grad_output
+
+
+def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 running_mean: Tensor | None, running_var: Tensor | None, eps: float,
+                 momentum: float, process_group: Any | None,
+                 tag: _wire.LayerTag) -> tuple[Tensor, Tensor]:
+    """Normalize ``input`` with the global batch statistics; ``(out, stats)``. Running
+    statistics (when given) are updated in place from the reduced buffer, identically on every
+    rank. Every rank must call it, in the same order as the others, even with an empty shard."""
+    backend = backend_for(input, weight, bias, running_mean, running_var)
+    channels = input.shape[1]
+    size = _comm.buffer_length(process_group, channels, tag, input.device)
+    tag.forward += 1
+    fields = _wire.fields(tag, _wire.FORWARD, channels)
+    buffer = torch.empty(size, dtype=torch.float64, device=input.device)
+    # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> size
+    if backend.forward_reduce(input, buffer, fields) != _wire.OK:
+        raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
+    world = _comm.all_reduce(buffer, process_group, tag, _wire.FORWARD, 2 * channels + 1,
+                             tuple(input.shape))
+    # The global count is read on the host only when this shard alone cannot prove it is >= 2
+    # (a shard of 0 or 1 values per channel): a rare device sync, and every rank of a global
+    # batch of 1 value takes this branch, so all of them raise together.
+    if _stats.local_count(input) <= 1:
+        _comm.verify(buffer, fields, tag, _wire.FORWARD, process_group)
+        total = int(buffer[2 * channels + 1].item())
+        if total == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{input.size()} on {_comm.describe_group(process_group)} and 1 value per "
+                "channel in the global batch")
+        if total == 0:  # nothing to normalize and nothing to learn from
+            running_mean = running_var = None
+    policy = _wire.POLICIES[_settings.get().nonfinite]
+    out, stats, code = backend.forward_apply(input, buffer, world, fields, weight, bias,
+                                             running_mean, running_var, eps, momentum, policy)
+    if code != _wire.OK:
+        _raise(code, buffer, fields, tag, _wire.FORWARD, process_group)
+    if buffer.device.type == "cuda":
+        _comm.defer_check(buffer, fields, tag, _wire.FORWARD, process_group)
+    return out, stats
+
+
+def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, stats: Tensor,
+                  process_group: Any | None, tag: _wire.LayerTag, need_input: bool,
+                  weight_dtype: torch.dtype | None,
+                  bias_dtype: torch.dtype | None) -> tuple[Tensor | None, ...]:
+    """``(grad_input, grad_weight, grad_bias)``; the weight/bias gradients are this rank's
+    share (DDP, or the user, sums them over ranks). The collective runs only when the input
+    needs a gradient: decided by the model's structure, the same on every rank."""
+    backend = backend_for(input, weight)
+    dy = _like(grad_output, input)
+    buffer, fields = None, None
+    channels = input.shape[1]
+    if need_input:
+        size = _comm.buffer_length(process_group, channels, tag, input.device)
+        tag.backward += 1
+        fields = _wire.fields(tag, _wire.BACKWARD, channels)
+        buffer = torch.empty(size, dtype=torch.float64, device=input.device)
+    # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> size
+    grad_weight, grad_bias = backend.backward_reduce(dy, input, stats, buffer, fields,
+                                                     weight_dtype, bias_dtype)
+    grad_input = None
+    if buffer is not None and fields is not None:
+        world = _comm.all_reduce(buffer, process_group, tag, _wire.BACKWARD, 2 * channels,
+                                 tuple(input.shape))
+        grad_input, code = backend.backward_apply(dy, input, stats, weight, buffer, world, fields)
+        if code != _wire.OK:
+            _raise(code, buffer, fields, tag, _wire.BACKWARD, process_group)
+        if buffer.device.type == "cuda":
+            _comm.defer_check(buffer, fields, tag, _wire.BACKWARD, process_group)
+    return grad_input, grad_weight, grad_bias
+
+
+def _raise(code: int, buffer: Tensor, fields: list[int], tag: _wire.LayerTag, direction: int,
+           process_group: Any | None) -> None:
+    """The error of a backend's result code."""
+    if code == _wire.MISMATCH:
+        _comm.verify(buffer, fields, tag, direction, process_group)  # raises, explaining
+    if code == _wire.NONFINITE:
+        raise RuntimeError(
+            f"syncbn: non-finite values (NaN or Inf) in the global batch statistics of "
+            f"{tag.description}, forward pass #{tag.forward} (SYNCBN_NONFINITE=raise), raised on "
+            "every rank. Run with SYNCBN_DEBUG=1 to see which rank's data produced them.")
+    raise MemoryError(f"syncbn: {tag.description}: out of memory in the "
+                      f"{_wire.DIRECTIONS[direction]} pass (result code {code})")
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode batch norm with statistics over every rank of ``process_group``.
+    """Training-mode batch norm with statistics over every rank of a process group.
 
-    Every rank must call it, in the same order as the others, even with an empty shard.
-    Running statistics (when given) are updated in place with the global statistics.
+    ``group`` and ``layer`` are the integers of :func:`group_id` and :func:`layer_id`.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        input: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        eps: float,
-        momentum: float,
-        process_group: Any | None,
-        tag: _comm.LayerTag,
-    ) -> Tensor:
-        if not _comm.compiling():  # compiled graphs trace torch operators: the ATen path
-            geom = _kernel.geometry(input, weight, bias, running_mean, running_var)
-            if geom is not None and _kernel.get() is not None:
-                return _forward_fused(ctx, geom, input, weight, bias, running_mean, running_var,
-                                      eps, momentum, process_group, tag)
-        ctx.fused = None
-        channels = input.shape[1]
-        n_local = _stats.local_count(input)
-        # Every rank calls the collective, even with an empty shard; counts travel with the sums.
-        tag.forward += 1
-        moments = _stats.local_moments(input)  # C, C, 1 -> (2C + 1) float64
-        moments = _comm.synced_sum(moments, tag, _comm.FORWARD, channels, process_group,
-                                   tuple(input.shape))
-        mean, var, count = _stats.global_mean_var(moments, channels)
-
-        # The global count is only needed on the host when this shard alone cannot prove it is
-        # >= 2 (a shard of 0 or 1 values per channel): a rare device sync, and every rank of a
-        # global batch of 1 value takes this branch, so all of them raise together.
-        update = running_mean is not None or running_var is not None
-        if n_local <= 1:
-            total = int(count.item())
-            if total == 1:
-                raise _one_value_error(input, process_group)
-            if total == 0:  # nothing to normalize and nothing to learn from
-                update = False
-        policy = nonfinite_policy()
-        if policy == "raise" and not bool(torch.isfinite(moments).all()):  # a device sync on GPU
-            raise _nonfinite_error(tag)
-        if update:
-            _stats.update_running_stats(running_mean, running_var, mean, var, count, momentum,
-                                        keep_nonfinite=policy != "skip")
-
-        acc = _stats.acc_dtype(input.dtype)
-        # Fresh tensors (copy=True), not views of the reduced buffer: what is saved for backward
-        # must not alias it (torch.compile traces this Function and refuses aliased saves).
-        mean_acc, var_acc = mean.to(acc, copy=True), var.to(acc, copy=True)
-        invstd = torch.rsqrt(var + eps).to(acc, copy=True)
-        ctx.save_for_backward(input, weight, mean_acc, invstd, count.clone())
-        ctx.process_group = process_group
-        ctx.tag = tag
-        ctx.bias_dtype = bias.dtype if bias is not None else input.dtype
-        return _stats.normalize(input, mean_acc, var_acc, weight, bias, eps)
+        ctx: Any, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+        running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float,
+        group: int, layer: int,
+    ) -> tuple[Tensor, Tensor]:
+        if _comm.compiling():
+            out, stats = torch.ops.syncbn.forward(input, weight, bias, running_mean, running_var,
+                                                  eps, momentum, group, layer)
+        else:
+            out, stats = forward_pass(input, weight, bias, running_mean, running_var, eps,
+                                      momentum, _groups[group], _tags[layer])
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(input, weight, stats)
+        ctx.group, ctx.layer = group, layer
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out, stats
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.fused is not None:
-            return _backward_fused(ctx, grad_output)
-        input, weight, mean, invstd, count = ctx.saved_tensors
+    def backward(ctx: Any, grad_output: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        input, weight, stats = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xhat = _stats.backward_reduce(grad_output, input, mean, invstd)
-        # weight/bias gradients are this rank's share; DDP (or the user) sums them over ranks.
-        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
-        grad_in = None
-        if need_input:
-            channels = input.shape[1]
-            ctx.tag.backward += 1
-            packed = torch.cat([sum_dy, sum_dy_xhat]).double()  # C, C -> (2C)
-            packed = _comm.synced_sum(packed, ctx.tag, _comm.BACKWARD, channels, ctx.process_group,
-                                      tuple(input.shape))
-            packed = packed.to(sum_dy.dtype)
-            grad_in = _stats.grad_input(
-                grad_output, input, mean, invstd, weight,
-                packed[:channels], packed[channels:], count,
-            )
-        return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
+        weight_dtype = weight.dtype if need_weight else None
+        bias_dtype = ctx.bias_dtype if need_bias else None
+        if _comm.compiling():
+            gi, gw, gb = torch.ops.syncbn.backward(grad_output, input, weight, stats, ctx.group,
+                                                   ctx.layer, need_input, need_weight, need_bias,
+                                                   bias_dtype or input.dtype)
+            grads = (gi if need_input else None, gw if need_weight else None,
+                     gb if need_bias else None)
+        else:
+            grads = backward_pass(grad_output, input, weight, stats, _groups[ctx.group],
+                                  _tags[ctx.layer], need_input, weight_dtype, bias_dtype)
+        return (*grads, None, None, None, None, None, None)
 
 
-def _nonfinite_error(tag: _comm.LayerTag) -> RuntimeError:
-    return RuntimeError(
-        f"syncbn: non-finite values (NaN or Inf) in the global batch statistics of "
-        f"{tag.description}, forward pass #{tag.forward} (SYNCBN_NONFINITE=raise), raised on "
-        "every rank. Run with SYNCBN_DEBUG=1 to see which rank's data produced them."
-    )
+# ------------------------------------------------------------------------------ registered ops
+@torch.library.custom_op("syncbn::forward", mutates_args=("running_mean", "running_var"))
+def _forward_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+                momentum: float, group: int, layer: int) -> tuple[Tensor, Tensor]:
+    """The forward pass as an opaque op: ``(out, stats)``; running statistics mutated."""
+    return forward_pass(input, weight, bias, running_mean, running_var, eps, momentum,
+                        _groups[group], _tags[layer])
 
 
-def _one_value_error(input: Tensor, process_group: Any | None) -> ValueError:
-    return ValueError(
-        "Expected more than 1 value per channel when training, got input size "
-        f"{input.size()} on {_comm.describe_group(process_group)} and 1 value per "
-        "channel in the global batch"
-    )
+@_forward_op.register_fake
+def _(input, weight, bias, running_mean, running_var, eps, momentum, group, layer):  # type: ignore[no-untyped-def]
+    return (torch.empty_like(input),
+            input.new_empty(2 * input.shape[1] + 1, dtype=torch.float64))
 
 
-_POLICY_CODES = {"propagate": 0, "skip": 1, "raise": 2}
+@torch.library.custom_op("syncbn::backward", mutates_args=())
+def _backward_op(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], stats: Tensor,
+                 group: int, layer: int, need_input: bool, need_weight: bool, need_bias: bool,
+                 bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward pass as an opaque op; a gradient not needed comes back empty."""
+    gi, gw, gb = backward_pass(grad_output, input, weight, stats, _groups[group], _tags[layer],
+                               need_input, weight.dtype if need_weight and weight is not None
+                               else None, bias_dtype if need_bias else None)
+    empty = input.new_empty(0)
+    return (gi if gi is not None else empty, gw if gw is not None else empty.clone(),
+            gb if gb is not None else empty.clone())
 
 
-def _forward_fused(ctx: Any, geom: tuple[int, int, int, int], input: Tensor,
-                   weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                   running_var: Tensor | None, eps: float, momentum: float,
-                   process_group: Any | None, tag: _comm.LayerTag) -> Tensor:
-    """The forward in the fused kernel: the same steps as the ATen path, one C call each."""
-    n, channels, s, nsc = geom
-    forward_reduce, forward_apply = _kernel.calls(input.dtype)[:2]
-    threads = torch.get_num_threads()
-    tag.forward += 1
-    fields = _comm.header_fields(tag, _comm.FORWARD, channels)
-    length = _comm.buffer_length(channels)
-    # Large tensors first, then the small ones that outlive them: freeing the large ones then
-    # does not leave free memory at the top of the heap, which glibc would hand back to the OS
-    # (and the next pass would page-fault on).
-    out = torch.empty_like(input)
-    # the collective's buffer (length), then mean (C) and invstd (C): saved for backward
-    scratch = torch.empty(length + 2 * channels, dtype=torch.float64)
-    buffer = scratch[:length]
-    x, at = input.data_ptr(), scratch.data_ptr()
-    # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> buffer_length(C)
-    if forward_reduce(_REDUCE_FWD.pack(x, n, channels, s, nsc, threads, at, length, *fields)):
-        raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
-    world = float(_comm.all_reduce_buffer(buffer, 2 * channels + 1, tag, _comm.FORWARD,
-                                          channels, process_group, input.shape))
-    # Header check, global mean/invstd and (when the global count is >= 2) the running
-    # statistics, in float64 from the identical reduced buffer (bitwise equal on every rank),
-    # then the normalization.
-    count = forward_apply(_APPLY_FWD.pack(
-        world, eps, momentum, at, length, *fields, *_kernel.arg(running_mean),
-        *_kernel.arg(running_var), _POLICY_CODES[nonfinite_policy()], at + 8 * length, x,
-        out.data_ptr(), n, channels, s, nsc, threads, *_kernel.arg(weight), *_kernel.arg(bias)))
-    if count == -2.0:
-        _comm.verify_buffer(buffer, fields, tag, _comm.FORWARD, process_group)  # raises
-    if count == -1.0:
-        raise _nonfinite_error(tag)
-    if count == 1.0:  # every rank reads the same count: all of them raise together
-        raise _one_value_error(input, process_group)
-    if count == -3.0:
-        raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
-    ctx.save_for_backward(input, weight, scratch)
-    ctx.fused = (geom, count, world, 8 * length)  # stats: bytes into scratch
-    ctx.process_group = process_group
-    ctx.tag = tag
-    ctx.bias_dtype = bias.dtype if bias is not None else input.dtype
-    return out
-
-
-_REDUCE_FWD, _APPLY_FWD = _kernel.ARG_FORMATS["forward_reduce"], _kernel.ARG_FORMATS["forward_apply"]
-_REDUCE_BWD, _APPLY_BWD = (_kernel.ARG_FORMATS["backward_reduce"],
-                           _kernel.ARG_FORMATS["backward_apply"])
-_NO_FIELDS = [0] * 6  # no header: a backward that sends nothing
-
-
-def _backward_fused(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-    """The backward in the fused kernel (see :meth:`SyncBatchNormFunction.backward`)."""
-    input, weight, scratch = ctx.saved_tensors
-    (n, channels, s, nsc), count, world, offset = ctx.fused
-    mean = scratch.data_ptr() + offset
-    invstd = mean + 8 * channels  # stats: mean (C), invstd (C)
-    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    backward_reduce, backward_apply = _kernel.calls(input.dtype)[2:]
-    threads = torch.get_num_threads()
-    tag = ctx.tag
-    dy, layout = grad_output, _kernel.layout_of(input, nsc)
-    if dy.dtype != input.dtype or not dy.is_contiguous(memory_format=layout):
-        dy = dy.to(input.dtype).contiguous(memory_format=layout)
-    grad_in = torch.empty_like(input) if need_input else None  # large first: see the forward
-    grad_weight = torch.empty(channels, dtype=weight.dtype) if need_weight else None
-    grad_bias = torch.empty(channels, dtype=ctx.bias_dtype) if need_bias else None
-    fields, length, buffer, at = _NO_FIELDS, 0, None, 0
-    if need_input:
-        tag.backward += 1
-        fields = _comm.header_fields(tag, _comm.BACKWARD, channels)
-        length = _comm.buffer_length(channels)
-        buffer = torch.empty(length, dtype=torch.float64)
-        at = buffer.data_ptr()
-    d, x = dy.data_ptr(), input.data_ptr()
-    # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> buffer_length(C); and the local
-    # weight/bias gradients (this rank's share: DDP or the user sums them over ranks)
-    if backward_reduce(_REDUCE_BWD.pack(
-            d, x, n, channels, s, nsc, threads, mean, invstd, at, length, *fields,
-            *_kernel.arg(grad_weight), *_kernel.arg(grad_bias))):
-        raise MemoryError(f"syncbn: {tag.description}: out of memory in the backward")
-    if buffer is not None and grad_in is not None:  # both exactly when need_input
-        _comm.all_reduce_buffer(buffer, 2 * channels, tag, _comm.BACKWARD, channels,
-                                ctx.process_group, input.shape)
-        # header check, then grad_input from the global sums
-        done = backward_apply(_APPLY_BWD.pack(
-            world, count, at, length, *fields, d, x, grad_in.data_ptr(), n, channels, s, nsc,
-            threads, mean, *_kernel.arg(weight)))
-        if done == 0:
-            _comm.verify_buffer(buffer, fields, tag, _comm.BACKWARD, ctx.process_group)  # raises
-        if done < 0:
-            raise MemoryError(f"syncbn: {tag.description}: out of memory in the backward")
-    return grad_in, grad_weight, grad_bias, None, None, None, None, None, None
+@_backward_op.register_fake
+def _(grad_output, input, weight, stats, group, layer, need_input, need_weight, need_bias,  # type: ignore[no-untyped-def]
+      bias_dtype):
+    channels = input.shape[1]
+    gi = torch.empty_like(input) if need_input else input.new_empty(0)
+    gw = input.new_empty(channels, dtype=weight.dtype) if need_weight else input.new_empty(0)
+    gb = input.new_empty(channels, dtype=bias_dtype) if need_bias else input.new_empty(0)
+    return gi, gw, gb

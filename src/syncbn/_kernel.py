@@ -51,9 +51,9 @@ __all__ = ["ARG_FORMATS", "KernelUnavailable", "add_parser", "arg", "build_info"
 
 log = logging.getLogger("syncbn")
 
-MODES = ("auto", "fused", "aten")
-_SOURCES = ("kernel.c", "kernel_body.h", "local.h")
-_VERSION = 6  # must match syncbn_kernel_version() in kernel.c
+MODES = _settings.KERNELS
+_SOURCES = ("kernel.c", "kernel_body.h", "local.h", "wire.h")
+_VERSION = 7  # must match syncbn_kernel_version() in kernel.c
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 _OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 _lock = threading.Lock()
@@ -66,10 +66,10 @@ ARG_FORMATS = {
     "forward_reduce": struct.Struct("<14q"),
     "forward_apply": struct.Struct("<3d25q"),
     "backward_reduce": struct.Struct("<21q"),
-    "backward_apply": struct.Struct("<2d19q"),
+    "backward_apply": struct.Struct("<d19q"),
     "local_allreduce": struct.Struct("<11q"),  # local.h: the shared-memory all_reduce
 }
-_RESTYPES = {"forward_reduce": ctypes.c_int, "forward_apply": ctypes.c_double,
+_RESTYPES = {"forward_reduce": ctypes.c_int, "forward_apply": ctypes.c_int,
              "backward_reduce": ctypes.c_int, "backward_apply": ctypes.c_int}
 _calls: dict[torch.dtype, tuple[Any, Any, Any, Any]] = {}
 
@@ -79,11 +79,8 @@ class KernelUnavailable(RuntimeError):
 
 
 def mode() -> str:
-    """``SYNCBN_KERNEL``: ``auto`` (default), ``fused`` or ``aten``."""
-    value = _settings.get("SYNCBN_KERNEL", "auto")
-    if value not in MODES:
-        raise ValueError(f"SYNCBN_KERNEL: expected one of {MODES}, got {value!r}")
-    return value
+    """``SYNCBN_KERNEL``: ``auto`` (default), ``fused``, ``aten`` or ``triton``."""
+    return _settings.get().kernel
 
 
 def arg(t: torch.Tensor | None) -> tuple[int, int]:
@@ -101,7 +98,7 @@ def get() -> Any | None:
     :class:`KernelUnavailable` under ``SYNCBN_KERNEL=fused`` when it cannot be had.
     """
     m = mode()
-    if m == "aten":
+    if m in ("aten", "triton"):
         return None
     _ensure_loaded()
     if _state["lib"] is None and m == "fused":
@@ -324,8 +321,8 @@ def suffix(dtype: torch.dtype) -> str:
 def path_for(input: torch.Tensor, *params: torch.Tensor | None) -> str:
     """Which implementation a synchronized pass on this input takes: ``"fused"`` or
     ``"aten (<why>)"`` (for reports such as ``syncbn check``)."""
-    if mode() == "aten":
-        return "aten (SYNCBN_KERNEL=aten)"
+    if mode() in ("aten", "triton"):
+        return f"aten (SYNCBN_KERNEL={mode()})"
     if geometry(input, *params) is None:
         return "aten (not a CPU float32/float64 contiguous or channels_last input)"
     try:

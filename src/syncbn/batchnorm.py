@@ -1,9 +1,9 @@
 """Drop-in synchronized BatchNorm modules.
 
 The Module keeps the books (running statistics, ``num_batches_tracked``, momentum, train/eval) exactly
-as ``torch.nn.BatchNorm*d`` does; :func:`syncbn.functional.sync_batch_norm` makes the one decision
-"synchronize or fall back to ``F.batch_norm``" and :class:`~syncbn._function.SyncBatchNormFunction`
-does the math.
+as ``torch.nn.BatchNorm*d`` does and makes the one decision "synchronize, or ``F.batch_norm``"
+(like torch's ``need_sync``: training mode and a group of more than one rank);
+:class:`~syncbn._function.SyncBatchNormFunction` does the math.
 
 The classes subclass torch's ``_BatchNorm`` (not ``torch.nn.SyncBatchNorm``, which DDP rejects in
 CPU modules), so ``state_dict``s load both ways between these and ``torch.nn.BatchNorm*d`` /
@@ -16,11 +16,12 @@ import itertools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm
-from .functional import check_input, sync_batch_norm
+from . import _comm, _function, _wire
+from .functional import check_input
 
 _creation_index = itertools.count(1)
 
@@ -43,8 +44,10 @@ class SyncBatchNorm(_BatchNorm):
     ``process_group``, ``E`` and ``Var`` are taken over the concatenation of every rank's batch
     (shards may differ in size and be empty) with one ``all_reduce`` forward (sums of ``x`` and
     ``x**2`` and the count: ``2C + 1`` numbers) and one backward (``2C``), each padded to the
-    widest syncbn layer and carrying a small header that detects ranks out of step. Otherwise (eval mode, one rank, no process group) it is
-    exactly ``torch.nn.BatchNorm*d``, with no collective. Running statistics use the global
+    group's width and carrying a small header that detects ranks out of step. Otherwise (eval
+    mode, one rank, no process group) it is exactly ``torch.nn.BatchNorm*d``, with no collective:
+    in eval mode without running statistics (``track_running_stats=False``) each rank normalizes
+    with its own batch's statistics, like ``torch.nn.SyncBatchNorm``. Running statistics use the global
     unbiased variance and are bitwise identical on every rank.
 
     Every rank of the group must call every synchronized layer in training mode, in the same
@@ -92,7 +95,6 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self._creation_index = next(_creation_index)
         self._tag = self._make_tag()
-        _comm.register_layer(num_features)
 
     @property
     def _layer_name(self) -> str | None:
@@ -104,9 +106,12 @@ class SyncBatchNorm(_BatchNorm):
         self._name = name
         self._tag = self._make_tag()
 
-    def _make_tag(self) -> _comm.LayerTag:
-        """The layer's identity and pass counters in the collective's header."""
-        return _comm.LayerTag.for_layer(self._name, self._creation_index, self.layer_description())
+    def _make_tag(self) -> _wire.LayerTag:
+        """The layer's identity and pass counters in the collective's header (and the integer
+        the registered ops know it by)."""
+        tag = _wire.LayerTag.for_layer(self._name, self._creation_index, self.layer_description())
+        self._layer_id = _function.layer_id(tag)
+        return tag
 
     def layer_description(self) -> str:
         """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``."""
@@ -121,7 +126,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        check_input(input, self.num_features, self._tag.description)  # layer_description()
+        check_input(input, self.num_features, self._tag.description)
         # An activation-checkpoint recompute runs the forward again inside the backward: it
         # must normalize the same way but not count the batch or update the statistics twice.
         recompute = self.training and not _comm.compiling() and torch._C._current_graph_task_id() != -1
@@ -136,18 +141,17 @@ class SyncBatchNorm(_BatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are passed only when they are updated (training and tracked) or used (eval).
         keep = not self.training or update
-        return sync_batch_norm(
-            input,
-            self.running_mean if keep else None,
-            self.running_var if keep else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-            self.process_group,
-            _tag=self._tag,
-        )
+        running_mean = self.running_mean if keep else None
+        running_var = self.running_var if keep else None
+        # The one decision: synchronize in training mode over a group of more than one rank.
+        # Eval mode never synchronizes (evaluating on one rank must not wait for the others).
+        if not (self.training and _comm.group_size(self.process_group) > 1):
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                use_batch_stats, factor, self.eps)
+        out, _ = _function.SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
+            _function.group_id(self.process_group), self._layer_id)
+        return out  # type: ignore[no-any-return]
 
 
 class SyncBatchNorm1d(SyncBatchNorm):

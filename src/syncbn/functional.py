@@ -7,8 +7,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _comm
-from ._function import SyncBatchNormFunction
+from . import _comm, _function, _wire
 
 __all__ = ["check_input", "sync_batch_norm", "will_sync"]
 
@@ -51,8 +50,6 @@ def sync_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     process_group: Any | None = None,
-    *,
-    _tag: _comm.LayerTag | None = None,
 ) -> Tensor:
     r"""Batch norm whose training statistics are those of the global batch over all ranks.
 
@@ -83,8 +80,7 @@ def sync_batch_norm(
         >>> torch.allclose(y, F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True))
         True
     """
-    if _tag is None:  # a module has checked its input already, against its num_features
-        check_input(input, None, "sync_batch_norm")
+    check_input(input, None, "sync_batch_norm")
     if not will_sync(training, process_group):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
@@ -94,12 +90,12 @@ def sync_batch_norm(
                 f"sync_batch_norm: expected {name} with {input.shape[1]} elements (the input's "
                 f"channels), got {t.numel()}"
             )
-    out = SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, process_group,
-        _tag if _tag is not None else _FUNCTIONAL_TAG,
-    )
+    out, _ = _function.SyncBatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, eps, momentum,
+        _function.group_id(process_group), _FUNCTIONAL_LAYER)
     return out  # type: ignore[no-any-return]
 
 
-_FUNCTIONAL_TAG = _comm.LayerTag.for_layer("syncbn.functional.sync_batch_norm", 0, "sync_batch_norm")
+_FUNCTIONAL_LAYER = _function.layer_id(
+    _wire.LayerTag.for_layer("syncbn.functional.sync_batch_norm", 0, "sync_batch_norm"))
 

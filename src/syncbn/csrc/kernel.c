@@ -17,9 +17,8 @@
  * result is accurate whatever mean/std is. The forward sends raw moments
  * sum(x) = n*mean and sum(x^2) = M2 + n*mean^2 in float64, as the ATen path does.
  *
- * The collective's buffer (len numbers, float64) is
- *   [1 | payload, zero-padded | (f, f*f) for each of the NFIELDS header fields | 1]
- * exactly as syncbn/_comm.py packs and checks it.
+ * The collective's buffer (len numbers, float64) is laid out in wire.h, which mirrors
+ * syncbn/_wire.py; every call returns one of its result codes (WIRE_OK, ...).
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, kill, nanosleep, sched_yield (local.h) */
 #include <math.h>
@@ -32,15 +31,15 @@
 
 typedef int64_t i64;
 
+#include "wire.h" /* the buffer's layout, header check and result codes */
+
 enum { DT_NONE = 0, DT_F32 = 1, DT_F64 = 2 };
-enum { POLICY_PROPAGATE = 0, POLICY_SKIP = 1, POLICY_RAISE = 2 };
-#define NFIELDS 6
 #define BLOCK 4096            /* values per block in the NCS statistics */
 #define VBYTES 32             /* vector width of the NCS sums (AVX2; GCC vector extensions) */
 #define NSC_BLOCK_BYTES 262144 /* bytes of rows per block in the NSC statistics (in L2) */
 #define NSC_BLOCK_ROWS 1024   /* and at most this many rows: values per channel summed in T */
 
-int syncbn_kernel_version(void) { return 6; }
+int syncbn_kernel_version(void) { return 7; }
 
 /* The argument blocks of the four exported calls (per dtype: _f32, _f64), packed by
  * syncbn/_kernel.py with struct formats that must match (_kernel.ARG_FORMATS): one pointer
@@ -58,14 +57,14 @@ typedef struct { /* "<3d25q" */
 typedef struct { /* "<21q" */
   i64 dy, x, N, C, S, nsc, nt, mean, invstd, buf, len, f[NFIELDS], gw, gwc, gb, gbc;
 } backward_reduce_args;
-typedef struct { /* "<2d19q" */
-  double world, count;
+typedef struct { /* "<d19q" */
+  double world;
   i64 buf, len, f[NFIELDS], dy, x, dx, N, C, S, nsc, nt, stats, w, wc;
 } backward_apply_args;
 _Static_assert(sizeof(forward_reduce_args) == 14 * 8, "forward_reduce_args");
 _Static_assert(sizeof(forward_apply_args) == 28 * 8, "forward_apply_args");
 _Static_assert(sizeof(backward_reduce_args) == 21 * 8, "backward_reduce_args");
-_Static_assert(sizeof(backward_apply_args) == 21 * 8, "backward_apply_args");
+_Static_assert(sizeof(backward_apply_args) == 20 * 8, "backward_apply_args");
 
 static inline double load(const void *p, int code, i64 i) {
   if (code == DT_F32) return (double)((const float *)p)[i];
@@ -85,28 +84,6 @@ static inline void merge(double *na, double *ma, double *qa, double nb, double m
   *ma += d * (nb / n);
   *qa += qb + d * d * (*na) * (nb / n);
   *na = n;
-}
-
-static void pack_header(double *buf, i64 len, i64 payload, const i64 *f) {
-  double *head = buf + len - 1 - 2 * NFIELDS;
-  buf[0] = 1.0;
-  memset(buf + 1 + payload, 0, sizeof(double) * (size_t)(head - (buf + 1 + payload)));
-  for (int k = 0; k < NFIELDS; ++k) {
-    head[2 * k] = (double)f[k];
-    head[2 * k + 1] = (double)f[k] * (double)f[k];
-  }
-  buf[len - 1] = 1.0;
-}
-
-/* 1 when every rank sent the same header fields (see _comm.py), else 0. */
-static int header_ok(const double *buf, i64 len, double world, const i64 *f) {
-  const double *head = buf + len - 1 - 2 * NFIELDS;
-  if (buf[0] != world || buf[len - 1] != world) return 0;
-  for (int k = 0; k < NFIELDS; ++k) {
-    double v = (double)f[k];
-    if (head[2 * k] != world * v || head[2 * k + 1] != world * v * v) return 0;
-  }
-  return 1;
 }
 
 /* Rows [*r0, *r1) of R for the calling OpenMP thread (*t): whole blocks of B rows, split evenly
@@ -133,21 +110,23 @@ static int threads_for(i64 numel, int nt) {
   return most < nt ? (int)most : nt;
 }
 
-/* After the forward collective: check the header, then global mean/invstd (float64) and the
+/* After the forward collective: check the header, then global mean/invstd/count (float64, into
+ * stats) and the
  * running statistics (only when the global count is >= 2; the unbiased variance; a non-finite
  * new value keeps the old one under POLICY_SKIP).
- * Returns the global count, -1 for a non-finite statistic under POLICY_RAISE (nothing updated),
- * -2 for a header mismatch (nothing computed). */
-static double forward_finish(const double *buf, i64 len, i64 C, double world, const i64 *f,
+ * Returns WIRE_OK, WIRE_NONFINITE for a non-finite statistic under POLICY_RAISE (nothing
+ * updated) or WIRE_MISMATCH for a header mismatch (nothing computed). */
+static int forward_finish(const double *buf, i64 len, i64 C, double world, const i64 *f,
                              double eps, double momentum, void *rmean, int rmean_code,
-                             void *rvar, int rvar_code, int policy, double *mean_out,
-                             double *invstd_out) {
-  if (!header_ok(buf, len, world, f)) return -2.0;
+                             void *rvar, int rvar_code, int policy, double *stats) {
+  if (!header_ok(buf, len, world, f)) return WIRE_MISMATCH;
   const double *sum_x = buf + 1, *sum_x2 = buf + 1 + C;
   double n = buf[1 + 2 * C];
+  double *mean_out = stats, *invstd_out = stats + C; /* stats: mean (C), invstd (C), count */
+  stats[2 * C] = n;
   if (policy == POLICY_RAISE) {
     for (i64 i = 0; i < 2 * C; ++i)
-      if (!isfinite(buf[1 + i])) return -1.0;
+      if (!isfinite(buf[1 + i])) return WIRE_NONFINITE;
   }
   int update = n >= 2.0;
   for (i64 c = 0; c < C; ++c) {
@@ -168,7 +147,7 @@ static double forward_finish(const double *buf, i64 len, i64 C, double world, co
       store(rvar, rvar_code, c, (policy == POLICY_SKIP && !isfinite(v)) ? old : v);
     }
   }
-  return n;
+  return WIRE_OK;
 }
 
 #include "local.h"

@@ -266,7 +266,7 @@ static i64 SFX(nsc_block_rows)(i64 R, i64 C, int nt) {
 }
 
 /* Forward, before the collective: payload [sum(x) (C), sum(x^2) (C), n] and the header into
- * buf (len numbers). Returns 0, or -1 when out of memory. */
+ * buf (len numbers). Returns WIRE_OK, or WIRE_NO_MEMORY. */
 static int SFX(forward_reduce)(const T *x, i64 N, i64 C, i64 S, int nsc, int nt, double *buf,
                                i64 len, i64 f0, i64 f1, i64 f2, i64 f3, i64 f4, i64 f5) {
   i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
@@ -295,7 +295,7 @@ static int SFX(forward_reduce)(const T *x, i64 N, i64 C, i64 S, int nsc, int nt,
   if (!acc || !scratch) {
     free(acc);
     free(scratch);
-    return -1;
+    return WIRE_NO_MEMORY;
   }
   memset(acc, 0, sizeof(double) * (size_t)(nt * (2 * C + 1)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -367,14 +367,14 @@ static int SFX(normalize)(const T *x, T *y, i64 N, i64 C, i64 S, int nsc, int nt
 /* Backward, before the collective: local sum(dy) and sum(dy * xhat) per channel, into the
  * payload [sum(dy) (C), sum(dy * xhat) (C)] of buf with the header (when buf is not NULL), and
  * into the local weight/bias gradients gw, gb (when their codes are not DT_NONE).
- * Returns 0, or -1 when out of memory. */
+ * Returns WIRE_OK, or WIRE_NO_MEMORY. */
 static int SFX(backward_reduce)(const T *dy, const T *x, i64 N, i64 C, i64 S, int nsc, int nt,
                                 const double *mean, const double *invstd, double *buf, i64 len,
                                 i64 f0, i64 f1, i64 f2, i64 f3, i64 f4, i64 f5, void *gw, int gwc,
                                 void *gb, int gbc) {
   i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
   double *sums = calloc((size_t)(2 * C), sizeof(double));
-  if (!sums) return -1;
+  if (!sums) return WIRE_NO_MEMORY;
   nt = threads_for(N * C * S, nt);
   if (N * S == 0) {
     /* an empty shard adds nothing (its invstd may be NaN: a global batch of 0) */
@@ -405,7 +405,7 @@ static int SFX(backward_reduce)(const T *dy, const T *x, i64 N, i64 C, i64 S, in
       free(acc);
       free(scratch);
       free(sums);
-      return -1;
+      return WIRE_NO_MEMORY;
     }
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -494,34 +494,36 @@ static int SFX(backward_input)(const T *dy, const T *x, T *dx, i64 N, i64 C, i64
   return 0;
 }
 
-/* After the forward collective, in one call: forward_finish (header check, mean and invstd
- * into stats[0..C) and stats[C..2C), running statistics), then, unless it returned an error or
- * a global count of 1, the normalization of x into y. Returns what forward_finish does, or -3
- * when out of memory. */
-static double SFX(forward_apply)(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2,
-                                 i64 f3, i64 f4, i64 f5, double eps, double momentum, void *rmean,
-                                 int rmean_code, void *rvar, int rvar_code, int policy,
-                                 double *stats, const T *x, T *y, i64 N, i64 C, i64 S, int nsc,
-                                 int nt, const void *w, int wc, const void *b, int bc) {
+/* After the forward collective, in one call: forward_finish (header check, mean, invstd and
+ * count into stats, running statistics), then, unless it returned an error, the normalization of
+ * x into y. Returns a WIRE_* code. */
+static int SFX(forward_apply)(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2,
+                              i64 f3, i64 f4, i64 f5, double eps, double momentum, void *rmean,
+                              int rmean_code, void *rvar, int rvar_code, int policy,
+                              double *stats, const T *x, T *y, i64 N, i64 C, i64 S, int nsc,
+                              int nt, const void *w, int wc, const void *b, int bc) {
   i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
-  double n = forward_finish(buf, len, C, world, f, eps, momentum, rmean, rmean_code, rvar,
-                            rvar_code, policy, stats, stats + C);
-  if (n < 0.0 || n == 1.0) return n;
-  if (SFX(normalize)(x, y, N, C, S, nsc, nt, stats, stats + C, w, wc, b, bc)) return -3.0;
-  return n;
+  int status = forward_finish(buf, len, C, world, f, eps, momentum, rmean, rmean_code, rvar,
+                              rvar_code, policy, stats);
+  if (status != WIRE_OK) return status;
+  if (SFX(normalize)(x, y, N, C, S, nsc, nt, stats, stats + C, w, wc, b, bc))
+    return WIRE_NO_MEMORY;
+  return WIRE_OK;
 }
 
 /* After the backward collective, in one call: the header check, then grad_input from the
- * reduced payload. Returns 1, 0 for a header mismatch (nothing computed), -1 when out of memory. */
+ * reduced payload and the forward's stats (mean, invstd, count). Returns a WIRE_* code
+ * (nothing computed on WIRE_MISMATCH). */
 static int SFX(backward_apply)(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2,
                                i64 f3, i64 f4, i64 f5, const T *dy, const T *x, T *dx, i64 N,
                                i64 C, i64 S, int nsc, int nt, const double *stats, const void *w,
-                               int wc, double count) {
+                               int wc) {
   i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
-  if (!header_ok(buf, len, world, f)) return 0;
-  if (SFX(backward_input)(dy, x, dx, N, C, S, nsc, nt, stats, stats + C, w, wc, buf + 1, count))
-    return -1;
-  return 1;
+  if (!header_ok(buf, len, world, f)) return WIRE_MISMATCH;
+  if (SFX(backward_input)(dy, x, dx, N, C, S, nsc, nt, stats, stats + C, w, wc, buf + 1,
+                          stats[2 * C]))
+    return WIRE_NO_MEMORY;
+  return WIRE_OK;
 }
 
 /* The exported calls: one argument block each (see kernel.c), unpacked into the calls above. */
@@ -532,7 +534,7 @@ int SFX(syncbn_forward_reduce)(const forward_reduce_args *a) {
                              a->f[4], a->f[5]);
 }
 
-double SFX(syncbn_forward_apply)(const forward_apply_args *a) {
+int SFX(syncbn_forward_apply)(const forward_apply_args *a) {
   return SFX(forward_apply)(P(const double *, a->buf), a->len, a->world, a->f[0], a->f[1],
                             a->f[2], a->f[3], a->f[4], a->f[5], a->eps, a->momentum,
                             P(void *, a->rmean), (int)a->rmean_code, P(void *, a->rvar),
@@ -555,6 +557,6 @@ int SFX(syncbn_backward_apply)(const backward_apply_args *a) {
                              a->f[2], a->f[3], a->f[4], a->f[5], P(const T *, a->dy),
                              P(const T *, a->x), P(T *, a->dx), a->N, a->C, a->S, (int)a->nsc,
                              (int)a->nt, P(const double *, a->stats), P(const void *, a->w),
-                             (int)a->wc, a->count);
+                             (int)a->wc);
 }
 #undef P

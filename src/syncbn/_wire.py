@@ -1,0 +1,193 @@
+"""The collective's buffer: its layout, header fields, packing, checks and result codes.
+
+The one owner of syncbn's wire format; ``csrc/wire.h`` mirrors it for the C kernel (same names,
+same numbers). Every backend writes, and every rank sends, exactly this buffer::
+
+    [1 | payload, zero-padded to 2*width + 1 | (f, f*f) for each header field | 1]
+       forward payload:  sum(x) (C), sum(x**2) (C), n (1)         raw moments, float64
+       backward payload: sum(dy) (C), sum(dy * xhat) (C)
+
+``width`` is the group's current buffer width (``_comm`` keeps it, the same on every rank), so
+every syncbn buffer of a group has the same length: buffers of different lengths must never meet
+in one all_reduce (gloo then aborts the process or returns half-reduced data).
+
+Out-of-step detection rides in the same buffer at no extra round trip. Each rank appends small
+integer fields ``f`` (a ones-counter, the layer's key in two halves, its pass number, its channel
+count, the direction) with ``f**2``; after the sum, ``sum(f) == W*f`` and ``sum(f**2) == W*f**2``
+hold on a rank exactly when every rank sent the same ``f`` (zero spread: the sums alone miss
+ranks at passes 1, 2 and 3, the squares catch them). Fields are below 2**20 and W <= 8192, so
+the float64 sums are exact. The sentinel ones at both ends catch a partly reduced buffer.
+
+>>> tag = LayerTag.for_layer("features.bn1", 0, "SyncBatchNorm2d(3) 'features.bn1'")
+>>> tag.forward = 1
+>>> f = fields(tag, FORWARD, 3)
+>>> buf = pack(torch.arange(7.0, dtype=torch.float64), f, length(64))
+>>> two_ranks = buf * 2  # the all_reduce of two identical ranks
+>>> header_ok(two_ranks, f, 2), header_ok(two_ranks, fields(tag, BACKWARD, 3), 2)
+(True, False)
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BACKWARD", "CAUSES", "DIRECTIONS", "FIELDS", "FORWARD", "MIN_WIDTH", "MISMATCH",
+    "NONFINITE", "NO_MEMORY", "OK", "POLICIES", "WIDEN", "LayerTag", "describe_key", "fields",
+    "header", "header_ok", "length", "mismatch_error", "pack", "parts", "payload", "width_for",
+]
+
+# Directions (a header field). WIDEN: the group's buffers grow (see _comm.buffer_length).
+FORWARD, BACKWARD, WIDEN = 1, 2, 3
+DIRECTIONS = {FORWARD: "forward", BACKWARD: "backward", WIDEN: "widening"}
+# The header fields, in order. The layer key is 32 bits, sent as two 16-bit fields: two layers
+# collide with odds of 2**-32.
+FIELDS = ("ones", "layer", "layer-high", "pass", "channels", "direction")
+FIELD_LIMIT = 2**20  # fields are integers below this: f**2 * W stays exact in float64
+MIN_WIDTH = 64  # channels every buffer is padded to at least
+
+# Result codes of a backend's steps (csrc/wire.h: WIRE_OK ...).
+OK, MISMATCH, NONFINITE, NO_MEMORY = 0, 1, 2, 3
+# SYNCBN_NONFINITE policies as the backends take them (csrc/wire.h: POLICY_PROPAGATE ...).
+POLICIES = {"propagate": 0, "skip": 1, "raise": 2}
+
+CAUSES = (
+    "Likely causes: a rank skipped this layer or ran layers in another order (a conditional "
+    "branch, an unused head, a frozen part in eval mode on one rank), the ranks ran different "
+    "numbers of steps (uneven data), or the models differ. Every rank must call every "
+    "synchronized layer in training mode the same number of times, in the same order (with an "
+    "empty batch if it has no data). See docs/troubleshooting.md."
+)
+
+_keys: dict[int, str] = {}  # layer key -> description, to name the layer another rank was at
+
+
+@dataclass
+class LayerTag:
+    """Who is synchronizing: a key identical on every rank for the same layer, and pass counters."""
+
+    key: int
+    description: str
+    forward: int = 0
+    backward: int = 0
+
+    @staticmethod
+    def for_layer(name: str | None, index: int, description: str) -> LayerTag:
+        """Key from the qualified name when known (robust to extra layers built on one rank),
+        else from the creation index (identical when every rank builds the same model)."""
+        key = (zlib.crc32(name.encode()) if name else index) % 2**32 or 1
+        _keys.setdefault(key, description)
+        return LayerTag(key, description)
+
+    def passes(self, direction: int) -> int:
+        """The pass counter of ``direction`` (FORWARD or BACKWARD; WIDEN precedes a forward)."""
+        return self.backward if direction == BACKWARD else self.forward
+
+
+def describe_key(key: int) -> str:
+    """The layer (of this process) another rank's key names; keys register as tags are made."""
+    return _keys.get(key, f"an unknown layer (key {key})")
+
+
+def width_for(channels: int) -> int:
+    """The buffer width a layer of ``channels`` needs: a power of two, at least MIN_WIDTH (so
+    that a model's layers share a few widths and the group widens rarely)."""
+    width = MIN_WIDTH
+    while width < channels:
+        width *= 2
+    return width
+
+
+def length(width: int) -> int:
+    """Numbers (float64) in a buffer of ``width``: 1, 2*width + 1, 2 per field, 1."""
+    return 2 * width + 1 + 2 * len(FIELDS) + 2
+
+
+def fields(tag: LayerTag, direction: int, channels: int) -> list[int]:
+    """The integer fields of a pass's header: ones, layer key (low, high), pass, channels,
+    direction."""
+    count = tag.passes(direction)
+    return [1, tag.key & 0xFFFF, tag.key >> 16, count % FIELD_LIMIT, channels % FIELD_LIMIT,
+            direction]
+
+
+def pack(payload: Tensor, fields: list[int], size: int) -> Tensor:
+    """The whole buffer (``size`` numbers, on the payload's device) around a float64 payload:
+    the torch-operator way; the C kernel and the Triton backend write the same numbers."""
+    return torch.cat(parts(payload, fields, size))
+
+
+def parts(payload: Tensor, fields: list[int], size: int) -> list[Tensor]:
+    """The pieces of :func:`pack`'s buffer, for ``torch.cat(..., out=buffer)``."""
+    head = torch.tensor([1.0] + [float(v) for f in fields for v in (f, f * f)] + [1.0],
+                        dtype=torch.float64)
+    if payload.device.type == "cuda":  # an asynchronous copy: the host does not wait
+        head = head.pin_memory().to(payload.device, non_blocking=True)
+    elif payload.device.type != "cpu":
+        head = head.to(payload.device)
+    padding = payload.new_zeros(size - payload.numel() - head.numel())
+    return [head[:1], payload, padding, head[1:]]  # 1, payload + padding, 2 * fields, 1 -> size
+
+
+def payload(buffer: Tensor, numbers: int) -> Tensor:
+    """The (reduced) payload: the ``numbers`` after the first sentinel."""
+    return buffer[1:1 + numbers]
+
+
+def header(buffer: Tensor) -> Tensor:
+    """``[first sentinel, (f, f**2) per field..., last sentinel]`` of a (reduced) buffer."""
+    return torch.cat([buffer[:1], buffer[-2 * len(FIELDS) - 1:]])
+
+
+def header_ok(buffer: Tensor, fields: list[int], world: int) -> bool:
+    """Whether every one of ``world`` ranks sent these fields (a host read of the buffer)."""
+    return not _problems(header(buffer).tolist(), fields, world)
+
+
+def _problems(values: list[float], fields: list[int], world: int) -> list[str]:
+    first, last, pairs = values[0], values[-1], values[1:-1]
+    problems = []
+    if first != world or last != world:
+        problems.append(
+            f"the buffer came back partly unreduced (sentinels {first:g} and {last:g}, expected "
+            f"{world}): the ranks' buffers differ in length, i.e. this rank met a different "
+            "collective (not a syncbn layer of this process's kind)")
+    differ = {name: pairs[2 * i] for i, (name, own) in enumerate(zip(FIELDS, fields))
+              if not (pairs[2 * i] == world * own and pairs[2 * i + 1] == world * own * own)}
+    if "layer" in differ or "layer-high" in differ:
+        if world == 2:  # the other rank's key, from the sums
+            lo, hi = (int(differ.get(n, 2 * own)) - own for n, own in zip(FIELDS[1:3], fields[1:3]))
+            problems.append(f"the other rank was at {describe_key(lo + (hi << 16))}")
+        else:
+            problems.append("the ranks are at different layers")
+    for name, own in zip(FIELDS, fields):
+        if name not in differ or name in ("layer", "layer-high"):
+            continue
+        total = differ[name]
+        if world == 2:
+            other = total - own
+            if name == "direction":
+                problems.append(f"the other rank was in a {DIRECTIONS.get(int(other), '?')} pass")
+            else:
+                problems.append(f"{name}: this rank {own}, the other rank {other:g}")
+        else:
+            problems.append(f"{name}: this rank {own}, the mean over ranks {total / world:g}")
+    return problems
+
+
+def mismatch_error(checks: Tensor, fields: list[int], world: int, tag: LayerTag,
+                   direction: int, count: int, where: str) -> RuntimeError | None:
+    """The out-of-step error for a reduced header (:func:`header`), or None when it is fine.
+    ``where`` names this rank and group for the message."""
+    problems = _problems(checks.tolist(), fields, world)
+    if not problems:
+        return None
+    return RuntimeError(
+        f"syncbn: ranks are out of step at {tag.description}, {DIRECTIONS[direction]} pass "
+        f"#{count} on {where}: " + "; ".join(problems) + ". " + CAUSES
+        + " Run with SYNCBN_DEBUG=1 to see every rank's view."
+    )
