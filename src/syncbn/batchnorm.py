@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm
+from . import _comm, _replicas
 from .functional import check_input, sync_batch_norm
 
 _creation_index = itertools.count(1)
@@ -120,6 +120,10 @@ class SyncBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.training:  # in a replica of syncbn.DataParallel: synchronized over the replicas
+            routed = _replicas.route(self, input)
+            if routed is not None:
+                return routed
         self._check_input_dim(input)
         check_input(input, self.num_features, self._tag.description)  # layer_description()
         # An activation-checkpoint recompute runs the forward again inside the backward: it
