@@ -1,4 +1,4 @@
-"""Synchronized batch norm across the replicas of ONE process (what :class:`syncbn.DataParallel` runs).
+"""Synchronized batch norm across the replicas of ONE process (what ``syncbn.DataParallel`` runs).
 
 The replicas of a module run in threads, one per device (several may share the CPU). A syncbn
 layer in training mode does not go through ``torch.distributed`` there. Each replica thread
@@ -6,7 +6,8 @@ deposits its shard at a rendezvous for that layer and waits; the last replica to
 layer for ALL replicas with one autograd Function:
 
 forward:  local moments per replica -> ONE sum over replicas (N x (2C + 1) -> 2C + 1) -> global
-          mean/var -> running statistics (once, on the wrapped module's layer) -> per-replica normalize
+          mean/var -> running statistics (once, on the wrapped module's layer)
+          -> per-replica normalize
 backward: (called ONCE by autograd with every replica's grad_output; an unused one is zeros)
           local sum(dy), sum(dy * xhat) per replica -> ONE sum over replicas (N x 2C -> 2C)
           -> per-replica grad_input
@@ -57,7 +58,7 @@ class _Aborted(BaseException):
 
 
 def current() -> tuple[ReplicaGroup, int] | None:
-    """``(group, replica index)`` when this thread runs a replica of :class:`syncbn.DataParallel`."""
+    """``(group, replica index)`` when this thread runs a replica of ``syncbn.DataParallel``."""
     return getattr(_local, "replica", None)
 
 
@@ -130,7 +131,7 @@ class ReplicaGroup:
         except _Aborted:
             return None
         except BaseException as exc:  # noqa: BLE001  (recorded, surfaced once by the caller)
-            self._fail(index, exc)
+            self.fail(index, exc)
             return None
         finally:
             del _local.replica
@@ -164,7 +165,7 @@ class ReplicaGroup:
             slot.arrivals[index] = _Arrival(original, layer, input)
             for other, arrival in slot.arrivals.items():
                 if arrival.original is not original:  # out of step: name both layers
-                    raise self._fail(index, self._named(RuntimeError(
+                    raise self.fail(index, self._named(RuntimeError(
                         f"syncbn.DataParallel: replicas out of step at their syncbn layer call "
                         f"#{slot_index + 1} of this forward: replica {index} is at "
                         f"{self._describe(original)}, replica {other} at "
@@ -180,7 +181,7 @@ class ReplicaGroup:
             arrivals = [slot.arrivals[r] for r in range(self.size)]
             outputs = _synchronized_pass(arrivals, self._describe(original))
         except BaseException as exc:
-            raise self._fail(index, self._named(exc)) from None
+            raise self.fail(index, self._named(exc)) from None
         with self._cond:
             slot.outputs = outputs
             del self._slots[slot_index]
@@ -195,7 +196,7 @@ class ReplicaGroup:
                 raise _Aborted()
             for other, calls in self._finished.items():
                 if calls <= slot_index:
-                    raise self._fail(index, self._named(RuntimeError(
+                    raise self.fail(index, self._named(RuntimeError(
                         f"syncbn.DataParallel: replicas out of step: replica {index} is at "
                         f"{self._describe(self._last[index])} (its syncbn layer call "
                         f"#{slot_index + 1} of this forward), but replica {other} finished its "
@@ -205,7 +206,7 @@ class ReplicaGroup:
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = [r for r in range(self.size) if r not in slot.arrivals]
-                raise self._fail(index, self._named(RuntimeError(
+                raise self.fail(index, self._named(RuntimeError(
                     f"syncbn.DataParallel: replica {index} waited {self.timeout:g} s at "
                     f"{self._describe(self._last[index])} (its syncbn layer call "
                     f"#{slot_index + 1} of this forward) for replica(s) {missing}, which did "
@@ -213,7 +214,7 @@ class ReplicaGroup:
                     "(DataParallel(..., timeout=...)) if a replica's forward is that slow.")))
             self._cond.wait(min(left, 1.0))
 
-    def _fail(self, index: int, exc: BaseException) -> BaseException:
+    def fail(self, index: int, exc: BaseException) -> BaseException:
         """Record the first failure and wake every waiter; returns ``exc`` to raise."""
         with self._cond:  # may be held already: a Condition's default lock is an RLock
             if self._failure is None:
@@ -259,7 +260,8 @@ def _synchronized_pass(arrivals: list[_Arrival], description: str) -> tuple[Tens
     weights = [a.layer.weight for a in arrivals]
     biases = [a.layer.bias for a in arrivals]
     inputs = [a.input for a in arrivals]
-    return ReplicaBatchNormFunction.apply(meta, *inputs, *weights, *biases)  # type: ignore[no-any-return]
+    outputs = ReplicaBatchNormFunction.apply(meta, *inputs, *weights, *biases)
+    return outputs  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -279,7 +281,9 @@ class ReplicaBatchNormFunction(torch.autograd.Function):
     the running statistics (or of the first shard)."""
 
     @staticmethod
-    def forward(ctx: Any, meta: _Meta, *tensors: Tensor | None) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, meta: _Meta, *tensors: Tensor | None
+    ) -> tuple[Tensor, ...]:
         n = meta.size
         inputs: list[Tensor] = list(tensors[:n])  # type: ignore[arg-type]
         weights, biases = tensors[n:2 * n], tensors[2 * n:]

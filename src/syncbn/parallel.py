@@ -27,9 +27,9 @@ def replica_devices(n: int) -> list[torch.device]:
     """``n`` devices for :class:`DataParallel`: the first ``n`` GPUs when there are that many,
     else ``n`` times the CPU (replicas in threads).
 
-    >>> import torch, syncbn
-    >>> syncbn.parallel.replica_devices(2) if not torch.cuda.is_available() else [torch.device("cpu")] * 2
-    [device(type='cpu'), device(type='cpu')]
+    >>> import syncbn
+    >>> len(syncbn.parallel.replica_devices(4))
+    4
     """
     if torch.cuda.is_available() and torch.cuda.device_count() >= n:
         return [torch.device("cuda", i) for i in range(n)]
@@ -97,7 +97,8 @@ class DataParallel(nn.Module):
         2
     """
 
-    def __init__(self, module: nn.Module, device_ids: Sequence[int | str | torch.device] | None = None,
+    def __init__(self, module: nn.Module,
+                 device_ids: Sequence[int | str | torch.device] | None = None,
                  output_device: int | str | torch.device | None = None, dim: int = 0, *,
                  timeout: float = 300.0) -> None:
         super().__init__()
@@ -189,6 +190,12 @@ def _run_replicas(group: ReplicaGroup, replicas: Sequence[nn.Module], chunks: Se
     results: list[Any] = [None] * len(replicas)
 
     def work(i: int) -> None:
+        try:
+            run(i)
+        except BaseException as exc:  # noqa: BLE001  (outside the replica's forward: still once)
+            group.fail(i, exc)
+
+    def run(i: int) -> None:
         torch.set_grad_enabled(grad_enabled)
         dev = devices[i]
         with contextlib.ExitStack() as stack:
