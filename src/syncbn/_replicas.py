@@ -48,7 +48,11 @@ from .functional import check_input
 
 __all__ = ["ReplicaGroup", "current", "route"]
 
-_local = threading.local()  # .replica: (group, index) while a replica thread runs its module
+class _ThreadState(threading.local):
+    replica: tuple[ReplicaGroup, int] | None = None  # (group, index) while a replica thread runs
+
+
+_local = _ThreadState()
 _warned_torch_dp = [False]
 
 
@@ -59,7 +63,7 @@ class _Aborted(BaseException):
 
 def current() -> tuple[ReplicaGroup, int] | None:
     """``(group, replica index)`` when this thread runs a replica of ``syncbn.DataParallel``."""
-    return getattr(_local, "replica", None)
+    return _local.replica
 
 
 def route(layer: Any, input: Tensor) -> Tensor | None:
@@ -70,11 +74,11 @@ def route(layer: Any, input: Tensor) -> Tensor | None:
     made by ``torch.nn.DataParallel`` (``torch.nn.parallel.replicate`` marks those with
     ``_is_replica = True``), whose replicas each normalize their own chunk.
     """
-    replica = current()
+    replica = _local.replica
     if replica is not None:
         group, index = replica
         return group.batch_norm(index, layer, input)
-    if getattr(layer, "_is_replica", False) and not _warned_torch_dp[0]:
+    if vars(layer).get("_is_replica", False) and not _warned_torch_dp[0]:  # set by torch
         _warned_torch_dp[0] = True
         warnings.warn(
             f"syncbn: {layer.layer_description()} runs in a replica made by "
@@ -134,7 +138,7 @@ class ReplicaGroup:
             self.fail(index, exc)
             return None
         finally:
-            del _local.replica
+            _local.replica = None
         with self._cond:
             self._finished[index] = self._calls[index]
             self._cond.notify_all()  # a replica waiting for this one learns it will not come
