@@ -46,7 +46,10 @@ def _layer_run(cls, tail, batch, replicas, dtype, steps=3, momentum=0.1, affine=
     chunk_sizes = [c.shape[0] for c in torch.empty(batch).chunk(replicas)]
     shards, grads = make_data(chunk_sizes, tail, dtype, seed=batch * 10 + replicas)
     weight, bias = make_params(tail[0], seed=3)
-    bn = cls(tail[0], momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    # half inputs with float32 parameters, as in the distributed tests (workers.exactness)
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    bn = cls(tail[0], momentum=momentum, affine=affine, track_running_stats=track,
+             dtype=param_dtype)
     if affine:
         with torch.no_grad():
             bn.weight.copy_(weight)
@@ -62,7 +65,7 @@ def _layer_run(cls, tail, batch, replicas, dtype, steps=3, momentum=0.1, affine=
         bn.zero_grad()
         y = dp(x)
         y.backward(torch.cat(grads).to(device))
-        assert y.dtype == dtype and y.shape == x.shape
+        assert y.dtype == dtype and y.shape == x.shape, (y.dtype, y.shape)
         what = f"step {step}, {cls.__name__}{tail}, {batch} over {replicas}"
         assert_matches(y.cpu(), torch.cat(ref["y"]), dtype, f"output, {what}")
         assert_matches(x.grad.cpu(), torch.cat(ref["dx"]), dtype, f"grad_input, {what}", floor)
@@ -369,3 +372,8 @@ def test_replicas_on_several_gpus(dtype):
     for (name, a), b in zip(model.named_buffers(), plain.buffers()):
         if a.is_floating_point():
             assert_matches(a.cpu(), b.double().cpu(), dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_layer(dtype):
+    _layer_run(syncbn.SyncBatchNorm2d, (4, 3, 2), 7, 3, dtype, steps=2)
