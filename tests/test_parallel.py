@@ -377,3 +377,37 @@ def test_replicas_on_several_gpus(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_layer(dtype):
     _layer_run(syncbn.SyncBatchNorm2d, (4, 3, 2), 7, 3, dtype, steps=2)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointed_syncbn_layer_is_refused(reentrant):
+    """The recompute of a checkpointed syncbn layer runs in the backward, outside the replicas'
+    threads: refused with an error naming the layer (not silently normalized per chunk)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(3, 3), syncbn.SyncBatchNorm1d(3)
+            self.reentrant = reentrant
+
+        def forward(self, x):
+            return checkpoint(self.bn, self.lin(x), use_reentrant=self.reentrant)
+
+    net = Net()
+    y = syncbn.DataParallel(net, device_ids=["cpu"] * 3)(torch.randn(7, 3))
+    # Non-reentrant checkpointing may instead stop at its own check first: the replicas' shared
+    # Function saved its tensors under the hooks of the thread that ran it (torch's
+    # CheckpointError, a RuntimeError); loud either way.
+    words = r"SyncBatchNorm1d\(3\) is run again inside the backward"
+    if not reentrant:
+        words += "|A different number of tensors was saved"
+    with pytest.raises(RuntimeError, match=words):
+        y.sum().backward()
+    # Outside the wrapper the layer is an ordinary one again (reentrant checkpointing here: the
+    # non-reentrant kind of a syncbn layer without a process group fails on main too, a
+    # CheckpointError about the number of saved tensors, reported to the lead).
+    net.reentrant = True
+    x = torch.randn(6, 3, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad is not None

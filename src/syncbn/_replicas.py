@@ -78,6 +78,15 @@ def route(layer: Any, input: Tensor) -> Tensor | None:
     if replica is not None:
         group, index = replica
         return group.batch_norm(index, layer, input)
+    if vars(layer).get("_syncbn_replicated"):  # its last training pass was over replicas
+        if torch._C._current_graph_task_id() != -1:  # as the Module itself tells a recompute
+            raise RuntimeError(
+                f"syncbn: {layer.layer_description()} is run again inside the backward "
+                "(activation checkpointing) after a synchronized pass in syncbn.DataParallel: "
+                "the recompute runs outside the replicas' threads and cannot be synchronized. "
+                "Checkpointing a syncbn layer inside syncbn.DataParallel is not supported; "
+                "leave the syncbn layers out of the checkpointed segments.")
+        layer._syncbn_replicated = False  # an ordinary pass now
     if vars(layer).get("_is_replica", False) and not _warned_torch_dp[0]:  # set by torch
         _warned_torch_dp[0] = True
         warnings.warn(
@@ -261,6 +270,9 @@ def _synchronized_pass(arrivals: list[_Arrival], description: str) -> tuple[Tens
     meta = _Meta(len(arrivals), float(bn.eps), factor,
                  bn.running_mean if update else None, bn.running_var if update else None,
                  nonfinite_policy(), description)
+    for a in arrivals:  # so that a recompute outside the replicas is refused (see route)
+        a.layer._syncbn_replicated = True
+    bn._syncbn_replicated = True
     weights = [a.layer.weight for a in arrivals]
     biases = [a.layer.bias for a in arrivals]
     inputs = [a.input for a in arrivals]

@@ -74,8 +74,8 @@ class DataParallel(nn.Module):
     Not combined with ``torch.distributed``: when a syncbn layer's ``process_group`` (by default
     the world) has more than one rank, the first forward raises ``RuntimeError`` (use one
     process per device with ``DistributedDataParallel`` instead). Activation checkpointing of a
-    syncbn layer inside this wrapper is not supported (its recompute runs in the backward,
-    outside the replicas' threads, and would use the chunk's statistics).
+    syncbn layer inside this wrapper is not supported: its recompute runs in the backward,
+    outside the replicas' threads, and raises ``RuntimeError`` naming the layer.
 
     Args:
         module: the model (its parameters and buffers on ``device_ids[0]``).
