@@ -33,6 +33,7 @@ LAYERS = [
     (syncbn.SyncBatchNorm, (4, 3, 2)),
 ]
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+NOTES = "exception notes (add_note, where the layer is named) need Python >= 3.11"
 
 
 def _gpu_reason(needed: int) -> str:
@@ -209,6 +210,7 @@ def _thread_errors(monkeypatch):
     return seen
 
 
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason=NOTES)
 def test_a_replica_that_raises_ends_every_replica_and_surfaces_once(monkeypatch):
     seen = _thread_errors(monkeypatch)
     net = nn.Sequential(syncbn.SyncBatchNorm1d(3), _Raises(), syncbn.SyncBatchNorm1d(3))
@@ -411,3 +413,23 @@ def test_checkpointed_syncbn_layer_is_refused(reentrant):
     x = torch.randn(6, 3, requires_grad=True)
     net(x).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason=NOTES)
+def test_an_unexpected_error_in_the_synchronized_pass_gets_the_layer_in_a_note(monkeypatch):
+    seen = _thread_errors(monkeypatch)
+    calls = []
+
+    def broken(x):
+        calls.append(x.shape[0])
+        raise MemoryError("no memory for the moments")
+
+    monkeypatch.setattr(_replicas._stats, "local_moments", broken)
+    net = nn.Sequential(nn.Identity(), syncbn.SyncBatchNorm1d(3))
+    with pytest.raises(MemoryError, match="no memory for the moments") as info:
+        syncbn.DataParallel(net, device_ids=["cpu"] * 3)(torch.randn(7, 3))
+    assert info.value.__notes__ == ["syncbn.DataParallel: in the synchronized pass of "
+                                    "SyncBatchNorm1d(3) '1' over its 3 replicas; every replica "
+                                    "has been ended"]
+    assert calls == [3] and seen == []  # one pass for all replicas, stopped at the first
+    _no_replica_threads_left()

@@ -190,11 +190,18 @@ class ReplicaGroup:
                 self._wait(index, slot_index, slot)
                 assert slot.outputs is not None
                 return slot.outputs[index]
+        description = self._describe(original)
         try:  # the last replica to arrive runs the layer for all of them
             arrivals = [slot.arrivals[r] for r in range(self.size)]
-            outputs = _synchronized_pass(arrivals, self._describe(original))
+            outputs = _synchronized_pass(arrivals, description)
         except BaseException as exc:
-            raise self.fail(index, self._named(exc)) from None
+            if description in str(exc):  # syncbn's own errors name the layer already
+                self._named(exc)
+            elif hasattr(exc, "add_note"):
+                exc.add_note(f"syncbn.DataParallel: in the synchronized pass of {description} "
+                             f"over its {self.size} replicas; every replica has been ended")
+                self._named(exc)
+            raise self.fail(index, exc) from None
         with self._cond:
             slot.outputs = outputs
             del self._slots[slot_index]
