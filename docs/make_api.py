@@ -12,12 +12,14 @@ from pathlib import Path
 
 import syncbn
 import syncbn.functional
+import syncbn.parallel
 
 OUT = Path(__file__).with_name("api.md")
 ENTRIES = [
     ("syncbn", ["SyncBatchNorm", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
-                "BatchNormNd", "convert_sync_batchnorm", "revert_sync_batchnorm"]),
+                "BatchNormNd", "convert_sync_batchnorm", "revert_sync_batchnorm", "DataParallel"]),
     ("syncbn.functional", ["sync_batch_norm"]),
+    ("syncbn.parallel", ["replica_devices"]),
 ]
 
 

@@ -6,14 +6,16 @@
 'SyncBatchNorm2d'
 """
 
-from . import functional
+from . import functional, parallel
 from .batchnorm import BatchNormNd, SyncBatchNorm, SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
+from .parallel import DataParallel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormNd",
+    "DataParallel",
     "SyncBatchNorm",
     "SyncBatchNorm1d",
     "SyncBatchNorm2d",
@@ -21,5 +23,6 @@ __all__ = [
     "__version__",
     "convert_sync_batchnorm",
     "functional",
+    "parallel",
     "revert_sync_batchnorm",
 ]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm, _function, _wire
+from . import _comm, _function, _replicas, _wire
 from .functional import check_input
 
 _creation_index = itertools.count(1)
@@ -125,6 +125,11 @@ class SyncBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.training and not _comm.compiling():  # a syncbn.DataParallel replica: synchronized
+            # over the replicas (torch.compile does not trace DataParallel's threads)
+            routed = _replicas.route(self, input)
+            if routed is not None:
+                return routed
         self._check_input_dim(input)
         check_input(input, self.num_features, self._tag.description)
         # An activation-checkpoint recompute runs the forward again inside the backward: it
