@@ -146,10 +146,9 @@ def all_reduce(buffer: Tensor, process_group: Any | None, tag: _wire.LayerTag, d
     settings = _settings.get()
     if settings.debug:
         _debug_gather(_wire.payload(buffer, payload_size), tag, direction, count, pg, shape)
-    where = describe_group(pg)
     start = time.perf_counter()
     try:
-        local = _shm.local_group(pg, buffer, where)
+        local = _shm.local_group(pg, buffer)
         if local is not None:
             local.all_reduce(buffer, spin_us=settings.poll_us)
         else:
@@ -160,7 +159,8 @@ def all_reduce(buffer: Tensor, process_group: Any | None, tag: _wire.LayerTag, d
     except RuntimeError as e:  # a timeout, a peer that exited, a backend error
         raise RuntimeError(
             f"syncbn: {tag.description} failed in the all_reduce of its "
-            f"{_wire.DIRECTIONS[direction]} pass #{count} on {where}: {e}\n{_hint(str(e))}"
+            f"{_wire.DIRECTIONS[direction]} pass #{count} on {describe_group(pg)}: {e}\n"
+            f"{_hint(str(e))}"
         ) from e
     finally:
         _waited[0] += time.perf_counter() - start

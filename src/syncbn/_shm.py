@@ -38,7 +38,7 @@ def transport(pg: Any) -> str:
     return str(dist.get_backend(pg))
 
 
-def local_group(pg: Any, buffer: Tensor, where: str) -> _local.LocalGroup | None:
+def local_group(pg: Any, buffer: Tensor) -> _local.LocalGroup | None:
     """The group's shared-memory segment, set up on first use (and again, wider, for a longer
     buffer: every rank reaches that pass alike); None: use the backend."""
     if buffer.device.type != "cpu":
@@ -48,7 +48,7 @@ def local_group(pg: Any, buffer: Tensor, where: str) -> _local.LocalGroup | None
         if group is None or buffer.numel() <= group.slot_len:
             return group
         group.close()
-    group = _groups[pg] = _setup(pg, buffer.numel(), where)
+    group = _groups[pg] = _setup(pg, buffer.numel())
     return group
 
 
@@ -75,9 +75,10 @@ def _pid_namespace() -> str:
         return ""
 
 
-def _setup(pg: Any, length: int, where: str) -> _local.LocalGroup | None:
+def _setup(pg: Any, length: int) -> _local.LocalGroup | None:
     """Every rank returns a segment, or every rank returns None (or raises the same error)."""
     world, rank = pg.size(), pg.rank()
+    where = f"rank {dist.get_rank()} (rank {rank} of {world} in its group)"
     mode = _settings.get().shm
     able = mode != "off" and _local.available()
     infos: list[Any] = [None] * world
