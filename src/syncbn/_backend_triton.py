@@ -44,8 +44,9 @@ _MAX_ROWS = 2**30  # rows (values per channel) are int32 inside the kernels, wit
 @dataclass
 class Tuning:
     """Tile sizes. ``elems``: values per ``[BLOCK_M, BLOCK_C]`` block; ``programs``: the tile
-    count aimed at (None: 4 per SM on CUDA, 8 on CPU); tests shrink the maxima to get several
-    tiles and channel blocks out of tiny tensors."""
+    count aimed at (None: 4 per SM on CUDA, 8 on CPU); ``num_warps`` per program. Tests shrink
+    the maxima to get several tiles and channel blocks out of tiny tensors; the GPU check may
+    sweep them."""
 
     elems: int = 2048
     max_block_m: int = 1024
@@ -53,6 +54,7 @@ class Tuning:
     programs: int | None = None
     pack_block_c: int = 64
     block_z: int = 1024
+    num_warps: int = 4
 
 
 tuning = Tuning()
@@ -69,7 +71,7 @@ def _launch(kernel: Any, grid: tuple[int], *args: Any, **constexprs: Any) -> Non
     explicitly (Triton 3.9 warns when it is left to its default)."""
     global _launch_count
     _launch_count += 1
-    kernel[grid](*args, **constexprs, enable_fp_fusion=True)
+    kernel[grid](*args, **constexprs, enable_fp_fusion=True, num_warps=tuning.num_warps)
 
 
 @functools.cache
