@@ -48,8 +48,8 @@ def forward_reduce(x: Tensor, buffer: Tensor, fields: list[int]) -> int:
 
 def forward_apply(x: Tensor, buffer: Tensor, world: int, fields: list[int],
                   weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                  running_var: Tensor | None, eps: float, momentum: float,
-                  policy: int) -> tuple[Tensor, Tensor, int]:
+                  running_var: Tensor | None, eps: float, momentum: float, policy: int,
+                  status: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
     n, c, s, nsc = _geometry(x)
     # Large tensors first, then the small ones that outlive them: freeing the large ones then
     # does not leave free memory at the top of the heap, which glibc would hand back to the OS
@@ -92,7 +92,8 @@ def backward_reduce(dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
 
 
 def backward_apply(dy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, buffer: Tensor,
-                   world: int, fields: list[int]) -> tuple[Tensor, int]:
+                   world: int, fields: list[int],
+                   status: Tensor | None = None) -> tuple[Tensor, int]:
     n, c, s, nsc = _geometry(x)
     dy = _in_layout(dy, x, nsc)
     grad_in = torch.empty_like(x)

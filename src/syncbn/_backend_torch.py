@@ -34,8 +34,8 @@ def _checked(buffer: Tensor, world: int, fields: list[int]) -> bool:
 
 def forward_apply(x: Tensor, buffer: Tensor, world: int, fields: list[int],
                   weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                  running_var: Tensor | None, eps: float, momentum: float,
-                  policy: int) -> tuple[Tensor | None, Tensor | None, int]:
+                  running_var: Tensor | None, eps: float, momentum: float, policy: int,
+                  status: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, int]:
     """Header check, global mean/invstd/count, running statistics, then the normalization."""
     if not _checked(buffer, world, fields):
         return None, None, _wire.MISMATCH
@@ -75,7 +75,8 @@ def backward_reduce(dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
 
 
 def backward_apply(dy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, buffer: Tensor,
-                   world: int, fields: list[int]) -> tuple[Tensor | None, int]:
+                   world: int, fields: list[int],
+                   status: Tensor | None = None) -> tuple[Tensor | None, int]:
     """Header check, then grad_input from the global sums."""
     if not _checked(buffer, world, fields):
         return None, _wire.MISMATCH

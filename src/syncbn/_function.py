@@ -107,7 +107,7 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     fields = _wire.fields(tag, _wire.FORWARD, channels)
     buffer = torch.empty(size, dtype=torch.float64, device=input.device)
     # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> size
-    if backend.forward_reduce(input, buffer, fields) != _wire.OK:
+    if backend.forward_reduce(input, buffer, fields):  # a result code; None or OK: done
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
     world = _comm.all_reduce(buffer, process_group, tag, _wire.FORWARD, 2 * channels + 1,
                              tuple(input.shape))
@@ -125,13 +125,25 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
         if total == 0:  # nothing to normalize and nothing to learn from
             running_mean = running_var = None
     policy = _wire.POLICIES[_settings.get().nonfinite]
+    status = _status_word(input)
     out, stats, code = backend.forward_apply(input, buffer, world, fields, weight, bias,
-                                             running_mean, running_var, eps, momentum, policy)
-    if code != _wire.OK:
+                                             running_mean, running_var, eps, momentum, policy,
+                                             status)
+    if code is None and policy == _wire.POLICIES["raise"]:
+        code = int(status.item())  # a device sync on GPU, as documented for this policy
+    if code:
         _raise(code, buffer, fields, tag, _wire.FORWARD, process_group)
     if buffer.device.type == "cuda":
         _comm.defer_check(buffer, fields, tag, _wire.FORWARD, process_group)
     return out, stats
+
+
+def _status_word(input: Tensor) -> Tensor | None:
+    """Where a GPU backend puts its result code without a host sync (the header itself is
+    checked one pass late, :func:`_comm.defer_check`); None on CPU (codes come back directly)."""
+    if input.device.type == "cpu":
+        return None
+    return torch.zeros(1, dtype=torch.int32, device=input.device)
 
 
 def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, stats: Tensor,
@@ -141,7 +153,7 @@ def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, sta
     """``(grad_input, grad_weight, grad_bias)``; the weight/bias gradients are this rank's
     share (DDP, or the user, sums them over ranks). The collective runs only when the input
     needs a gradient: decided by the model's structure, the same on every rank."""
-    backend = backend_for(input, weight)
+    backend = backend_for(input, weight, None, None, None)
     dy = _like(grad_output, input)
     buffer, fields = None, None
     channels = input.shape[1]
@@ -157,8 +169,9 @@ def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, sta
     if buffer is not None and fields is not None:
         world = _comm.all_reduce(buffer, process_group, tag, _wire.BACKWARD, 2 * channels,
                                  tuple(input.shape))
-        grad_input, code = backend.backward_apply(dy, input, stats, weight, buffer, world, fields)
-        if code != _wire.OK:
+        grad_input, code = backend.backward_apply(dy, input, stats, weight, buffer, world, fields,
+                                                  _status_word(input))
+        if code:
             _raise(code, buffer, fields, tag, _wire.BACKWARD, process_group)
         if buffer.device.type == "cuda":
             _comm.defer_check(buffer, fields, tag, _wire.BACKWARD, process_group)
