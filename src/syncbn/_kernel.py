@@ -52,7 +52,7 @@ log = logging.getLogger("syncbn")
 
 MODES = ("auto", "fused", "aten")
 _SOURCES = ("kernel.c", "kernel_body.h", "local.h")
-_VERSION = 6  # must match syncbn_kernel_version() in kernel.c
+_VERSION = 7  # must match syncbn_kernel_version() in kernel.c
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 _OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 _lock = threading.Lock()

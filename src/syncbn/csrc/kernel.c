@@ -40,7 +40,7 @@ enum { POLICY_PROPAGATE = 0, POLICY_SKIP = 1, POLICY_RAISE = 2 };
 #define NSC_BLOCK_BYTES 262144 /* bytes of rows per block in the NSC statistics (in L2) */
 #define NSC_BLOCK_ROWS 1024   /* and at most this many rows: values per channel summed in T */
 
-int syncbn_kernel_version(void) { return 6; }
+int syncbn_kernel_version(void) { return 7; }
 
 /* The argument blocks of the four exported calls (per dtype: _f32, _f64), packed by
  * syncbn/_kernel.py with struct formats that must match (_kernel.ARG_FORMATS): one pointer
