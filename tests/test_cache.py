@@ -1,4 +1,4 @@
-"""The kernel cache (``_cache.py``, ``_kernel.py``): what is loaded, from where, and what is refused.
+"""The kernel cache (``_cache.py``, ``_kernel.py``): what is loaded, from where, what is refused.
 
 Each rule of docs/troubleshooting.md ("The kernel cache") has a test: a directory or file of
 another user, writable by group or others, a symbolic link in place of either, a damaged

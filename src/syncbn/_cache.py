@@ -75,13 +75,15 @@ def pid_alive(pid: int) -> bool:
 def _problem(st: os.stat_result, path: Path, kind: str, owners: frozenset[int]) -> str | None:
     """Why an opened ``kind`` ("directory" or "file") must not be trusted, or None."""
     want_dir = kind == "directory"
-    if (want_dir and not stat.S_ISDIR(st.st_mode)) or (not want_dir and not stat.S_ISREG(st.st_mode)):
+    is_dir, is_file = stat.S_ISDIR(st.st_mode), stat.S_ISREG(st.st_mode)
+    if (want_dir and not is_dir) or (not want_dir and not is_file):
         return f"{path} is not a regular {kind}"
     if st.st_uid not in owners:
         allowed = " or ".join(describe_owner(u) for u in sorted(owners, reverse=True))
         return f"{path} is owned by {describe_owner(st.st_uid)}, not by {allowed}"
     if st.st_mode & 0o022:
-        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit)
+        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002))
+                           if st.st_mode & bit)
         return (f"{path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):o}, owner "
                 f"{describe_owner(st.st_uid)})")
     return None
@@ -152,7 +154,7 @@ class CacheDir:
                 manifest = json.loads(raw)
                 want_sha, want_size = str(manifest["sha256"]), int(manifest["size"])
             except (ValueError, KeyError, TypeError):
-                raise Untrusted(f"{self.path / (stem + '.json')} is not a syncbn manifest") from None
+                raise Untrusted(f"{self.path / stem}.json is not a syncbn manifest") from None
             size, digest = _digest(fd)
             if size != want_size or digest != want_sha:
                 raise Untrusted(f"{so} does not match its manifest ({size} bytes, sha256 "

@@ -294,8 +294,13 @@ def _bind(fd: int, cache: _cache.CacheDir, flags: tuple[str, ...], stem: str) ->
     file whatever became of its name) and bind its functions."""
     path = cache.path / f"{stem}.so"
     try:
-        fds = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
-        lib = ctypes.CDLL(f"{fds}/{fd}")
+        if os.path.isdir("/proc/self/fd"):
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        else:  # no /proc (macOS): by name, then make sure the name gave the checked file
+            lib = ctypes.CDLL(str(path))
+            held, named = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+                raise RuntimeError(f"{path} was replaced while it was being loaded")
     finally:
         os.close(fd)
     lib.syncbn_kernel_version.restype, lib.syncbn_kernel_version.argtypes = ctypes.c_int, []
