@@ -311,7 +311,11 @@ def open_cache() -> tuple[CacheDir, list[str]]:
 def private_dir() -> CacheDir:
     """A fresh 0700 directory of this process (``mkdtemp``), removed by :meth:`CacheDir.close`."""
     path = Path(tempfile.mkdtemp(prefix=f"syncbn-kernel-{os.getpid()}-"))
-    fd = _open_checked(path, "directory", frozenset({_uid()}))
+    try:
+        fd = _open_checked(path, "directory", frozenset({_uid()}))
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     if fd is None:
         raise FileNotFoundError(f"{path} vanished right after mkdtemp made it")
     return CacheDir(path, fd, frozenset({_uid()}), private=True)
