@@ -15,16 +15,17 @@ used by ``_comm`` through ``_local``), whichever path computes.
 ``SYNCBN_KERNEL`` picks: ``auto`` (default: fused where it applies and builds, else aten, with
 one warning saying why), ``fused`` (fused where it applies; an error if it cannot be built) or
 ``aten`` (never fused). The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
-``~/.cache/syncbn`` (``<tmp>/syncbn-<uid>`` when that is not writable); the compiler is ``$CC``,
-else ``cc``/``gcc``/``clang``, with ``-O3 -march=native -fopenmp`` (retried without
-``-march=native``, then without OpenMP, if the compiler refuses them). The library file's name
-is a hash of the sources, flags, compiler version and CPU, so a cache shared by different
-machines keeps one build per kind of machine.
+``~/.cache/syncbn`` (``<tmp>/syncbn-<uid>`` when that is not writable); a kernel is loaded only
+from a directory and files nobody else can write, after checking its sha256 (``_cache.py``). The
+compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with ``-O3 -march=native -fopenmp`` (retried
+without ``-march=native``, then without OpenMP, if the compiler refuses them). The library
+file's name is a hash of the sources, flags and machine (CPU, architecture, C library), not of
+the compiler: a cache shared by different machines keeps one build per kind of machine, and a
+prebuilt cache loads where no compiler is installed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import logging
@@ -34,17 +35,15 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import _settings
+from . import _cache, _settings
 
 __all__ = ["ARG_FORMATS", "KernelUnavailable", "add_parser", "arg", "build_info", "calls",
            "geometry", "get", "layout_of", "local_allreduce", "mode", "path_for", "suffix"]
@@ -53,12 +52,13 @@ log = logging.getLogger("syncbn")
 
 MODES = _settings.KERNELS
 _SOURCES = ("kernel.c", "kernel_body.h", "local.h", "wire.h")
-_VERSION = 7  # must match syncbn_kernel_version() in kernel.c
+_VERSION = 8  # must match syncbn_kernel_version() in kernel.c
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 _OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 _lock = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "lib": None, "error": None, "seconds": None,
-                          "path": None, "compiled": False, "flags": None}
+                          "path": None, "compiled": False, "flags": None, "private": False,
+                          "problems": []}
 
 # The four calls of a forward + backward (per data dtype) take one argument block each, packed
 # with these formats; they must match the structs in kernel.c (pointers as int64, 0 for NULL).
@@ -116,30 +116,13 @@ def _ensure_loaded() -> None:
 
 def build_info() -> dict[str, Any]:
     """What :func:`get` did: ``available``, ``path``, ``compiled`` (this process built it, else it
-    came from the cache), ``seconds`` (build or load time), ``flags``, ``error``."""
+    came from the cache), ``seconds`` (build or load time), ``flags``, ``error``, ``private``
+    (built in a private temporary directory: the cache could not be used) and ``problems``
+    (what was refused on the way, as the warning said it)."""
     return {"available": _state["lib"] is not None, "path": _state["path"],
             "compiled": _state["compiled"], "seconds": _state["seconds"],
-            "flags": _state["flags"], "error": _state["error"]}
-
-
-def _cache_dir() -> Path:
-    """The first usable of: ``SYNCBN_CACHE_DIR`` (only it, when set), ``$XDG_CACHE_HOME/syncbn``
-    or ``~/.cache/syncbn``, then ``<tmp>/syncbn-<uid>`` (a read-only home still gets a cache)."""
-    if os.environ.get("SYNCBN_CACHE_DIR"):
-        path = Path(os.environ["SYNCBN_CACHE_DIR"])
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    for path in (Path(base) / "syncbn", Path(tempfile.gettempdir()) / f"syncbn-{uid}"):
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            if os.access(path, os.W_OK):
-                return path
-        except OSError:
-            continue
-    raise OSError(f"no writable cache directory ({Path(base) / 'syncbn'}, or under "
-                  f"{tempfile.gettempdir()}); set SYNCBN_CACHE_DIR")
+            "flags": _state["flags"], "error": _state["error"], "private": _state["private"],
+            "problems": list(_state["problems"])}
 
 
 def _compiler() -> str | None:
@@ -164,10 +147,13 @@ def _cpu_id() -> str:
 
 def _load(rebuild: bool = False) -> None:
     start = time.perf_counter()
+    _state["problems"] = []
     try:
         _state["lib"] = _build_and_load(rebuild)
     except Exception as e:  # noqa: BLE001 - no compiler, a compile error, an unwritable cache
         _state["error"] = f"the fused CPU kernel is unavailable ({type(e).__name__}: {e})"
+        if _state["problems"]:
+            _state["error"] += " [" + "; ".join(_state["problems"]) + "]"
         if mode() == "auto":
             warnings.warn(f"syncbn: {_state['error']}; using the plain ATen path "
                           "(same results, slower). Set SYNCBN_KERNEL=aten to silence this.",
@@ -178,84 +164,158 @@ def _load(rebuild: bool = False) -> None:
     if _state["lib"] is not None:
         log.info("syncbn: fused CPU kernel %s from %s in %.2f s",
                  "built" if _state["compiled"] else "loaded", _state["path"], _state["seconds"])
+        if _state["problems"]:
+            where = (" (in a private temporary directory, removed once loaded: each process "
+                     "builds its own)" if _state["private"] else "")
+            warnings.warn(f"syncbn: {'; '.join(_state['problems'])}. Using the kernel "
+                          f"{'built' if _state['compiled'] else 'loaded'} at {_state['path']}"
+                          f"{where}.", RuntimeWarning, stacklevel=4)
 
 
-def _compile(cc: str, flags: tuple[str, ...], source: Path, path: Path) -> str | None:
-    """Compile ``source`` into ``path`` (atomically); the compiler's complaint, or None."""
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = Path(tmp) / path.name
-        cmd = [cc, *flags, "-o", str(out), str(source)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-        if proc.returncode != 0:
-            return f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}"
-        os.replace(out, path)  # atomic: a reader never sees half a file
+def _compile(cc: str, flags: tuple[str, ...], source: Path, out: Path) -> str | None:
+    """Compile ``source`` into ``out`` (in a build directory, which is also the compiler's
+    TMPDIR: a killed build leaves nothing elsewhere); the compiler's complaint, or None."""
+    cmd = [cc, *flags, "-o", str(out), str(source)]
+    env = {**os.environ, "TMPDIR": str(out.parent)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env)
+    if proc.returncode != 0:
+        return f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}"
     return None
 
 
-@contextlib.contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<path>.lock`` where the platform has one (else no lock: ranks
-    may then each build once, harmlessly). Released when the holder finishes or dies."""
-    fd = None
-    try:
-        import fcntl
+def _builds() -> list[tuple[tuple[str, ...], str]]:
+    """``(flags, file stem)`` of each build, in order of preference. The stem is a hash of the
+    sources, the flags, the kernel version and the machine (CPU model and features,
+    architecture, C library), not of the compiler: a cached build is found, and verified
+    against its manifest, without running (or having) one."""
+    here = Path(__file__).with_name("csrc")
+    sources = b"".join((here / name).read_bytes() for name in _SOURCES)
+    libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in getattr(
+        os, "confstr_names", {}) else ""
+    machine = f"{_cpu_id()}\n{platform.machine()}\n{sys.platform}\n{libc}".encode()
+    out = []
+    for optional in _OPTIONAL_FLAGS:
+        flags = (*_BASE_FLAGS, *optional)
+        key = hashlib.sha256(b"\0".join([sources, " ".join(flags).encode(),
+                                         str(_VERSION).encode(), machine]))
+        out.append((flags, f"kernel-{key.hexdigest()[:20]}"))
+    return out
 
-        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except (ImportError, OSError):
-        pass
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # closing releases the flock
+
+_FIX_DIR = ("not used as the kernel cache (fix: make it yours and writable only by you, "
+            "e.g. chown it and chmod 700, or remove it; or set SYNCBN_CACHE_DIR to such a "
+            "directory)")
+_FIX_FILE = "not loaded (fix: `syncbn kernel --rebuild`, or delete it)"
 
 
 def _build_and_load(rebuild: bool) -> Any:
-    here = Path(__file__).with_name("csrc")
-    sources = b"".join((here / name).read_bytes() for name in _SOURCES)
-    cc = _compiler()
-    if cc is None:
-        raise FileNotFoundError("no C compiler found (set CC, or install cc/gcc/clang)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60,
-                             check=False).stdout
-    cache = _cache_dir()
-    machine = f"{_cpu_id()}\n{platform.machine()}".encode()
-    errors = []
-    for optional in _OPTIONAL_FLAGS:
-        flags = (*_BASE_FLAGS, *optional)
-        key = hashlib.sha256(b"\0".join([sources, " ".join(flags).encode(), version.encode(),
-                                         machine]))
-        path = cache / f"kernel-{key.hexdigest()[:20]}.so"
-        if rebuild and path.exists():
-            with _build_lock(path):
-                path.unlink(missing_ok=True)
-        if not path.exists():
-            with _build_lock(path):  # ranks starting together: one builds, the others wait
-                if not path.exists():
-                    error = _compile(cc, flags, here / "kernel.c", path)
-                    if error:
-                        errors.append(error)
-                        continue
-                    _state["compiled"] = True
-        lib = ctypes.CDLL(str(path))
-        lib.syncbn_kernel_version.restype, lib.syncbn_kernel_version.argtypes = ctypes.c_int, []
-        if lib.syncbn_kernel_version() != _VERSION:
-            raise RuntimeError(f"{path}: kernel version {lib.syncbn_kernel_version()}, expected "
-                               f"{_VERSION}")
-        for dtype in _DTYPES:
-            fns = []
-            for name, restype in _RESTYPES.items():
-                fn = getattr(lib, f"syncbn_{name}_{suffix(dtype)}")
-                fn.restype, fn.argtypes = restype, [ctypes.c_char_p]
-                fns.append(fn)
-            _calls[dtype] = tuple(fns)  # type: ignore[assignment]
-        fn = lib.syncbn_local_allreduce
-        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_char_p]
-        _state["local_allreduce"] = fn
-        _state["path"], _state["flags"] = str(path), " ".join(flags)
-        return lib
-    raise RuntimeError("the compiler refused every set of flags: " + " | ".join(errors))
+    """Load the first verified build from the cache; else build one (under the cache's lock,
+    or in a private directory when the cache cannot be used for building) and load it."""
+    problems: list[str] = _state["problems"]
+    builds = _builds()
+    cache, refused = _cache.open_cache()
+    problems.extend(f"{why}: {_FIX_DIR}" for why in refused)
+    dirs = [cache]
+    try:
+        if not rebuild:
+            for flags, stem in builds:
+                try:
+                    fd, _ = cache.open_verified(stem)
+                except _cache.Untrusted as e:
+                    problems.append(f"{e}: {_FIX_FILE}")
+                    continue
+                if fd is not None:
+                    return _bind(fd, cache, flags, stem)
+        cc = _compiler()
+        if cc is None:
+            raise FileNotFoundError("no C compiler found (set CC, or install cc/gcc/clang)")
+        target = cache
+        if not cache.writable:  # a read-only prebuilt cache without this machine's build
+            log.info("syncbn: %s is read-only and holds no kernel for this machine: building "
+                     "one in a private temporary directory", cache.path)
+            target = _cache.private_dir()
+            dirs.append(target)
+        errors: list[str] = []
+        for flags, stem in builds:
+            while True:
+                try:
+                    with target.lock(stem) as locked:  # ranks starting together: one builds
+                        return _build_one(cc, target, flags, stem, rebuild, locked, errors)
+                except _cache.Untrusted as e:  # the lock file: build where nobody else writes
+                    if target.private:
+                        raise
+                    problems.append(f"{e}: {_FIX_DIR}")
+                    target = _cache.private_dir()
+                    dirs.append(target)
+                except _CompileError:
+                    break  # the next set of flags
+        raise RuntimeError("the compiler refused every set of flags: " + " | ".join(errors))
+    finally:
+        for d in dirs:
+            d.close()
+
+
+class _CompileError(Exception):
+    """The compiler refused a set of flags (its complaint is in the build's ``errors``)."""
+
+
+def _build_one(cc: str, target: _cache.CacheDir, flags: tuple[str, ...], stem: str,
+               rebuild: bool, locked: bool, errors: list[str]) -> Any:
+    """Under ``target``'s lock for ``stem``: load it if another process has just built it, else
+    sweep dead builders' leftovers, compile, install (fsync'd, with its manifest) and load."""
+    if not rebuild:  # another process may have built it while this one waited for the lock
+        try:
+            fd, _ = target.open_verified(stem)
+        except _cache.Untrusted:
+            fd = None  # already reported; replaced below
+        if fd is not None:
+            return _bind(fd, target, flags, stem)
+    target.sweep(stem, locked)
+    with target.build_dir(stem) as tmp:
+        out = tmp / f"{stem}.so"
+        error = _compile(cc, flags, Path(__file__).with_name("csrc") / "kernel.c", out)
+        if error:
+            errors.append(error)
+            raise _CompileError(error)
+        target.install(out, stem, {"flags": " ".join(flags), "kernel_version": _VERSION,
+                                   "compiler": cc, "built": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    fd, _ = target.open_verified(stem)
+    if fd is None:
+        raise FileNotFoundError(f"{target.path / stem}.so vanished right after it was built")
+    _state["compiled"] = True
+    return _bind(fd, target, flags, stem)
+
+
+def _bind(fd: int, cache: _cache.CacheDir, flags: tuple[str, ...], stem: str) -> Any:
+    """dlopen the file open as ``fd`` (checked and verified: through ``/proc/self/fd``, the same
+    file whatever became of its name) and bind its functions."""
+    path = cache.path / f"{stem}.so"
+    try:
+        if os.path.isdir("/proc/self/fd"):
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        else:  # no /proc (macOS): by name, then make sure the name gave the checked file
+            lib = ctypes.CDLL(str(path))
+            held, named = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+                raise RuntimeError(f"{path} was replaced while it was being loaded")
+    finally:
+        os.close(fd)
+    lib.syncbn_kernel_version.restype, lib.syncbn_kernel_version.argtypes = ctypes.c_int, []
+    if lib.syncbn_kernel_version() != _VERSION:
+        raise RuntimeError(f"{path}: kernel version {lib.syncbn_kernel_version()}, expected "
+                           f"{_VERSION}")
+    for dtype in _DTYPES:
+        fns = []
+        for name, restype in _RESTYPES.items():
+            fn = getattr(lib, f"syncbn_{name}_{suffix(dtype)}")
+            fn.restype, fn.argtypes = restype, [ctypes.c_char_p]
+            fns.append(fn)
+        _calls[dtype] = tuple(fns)  # type: ignore[assignment]
+    fn = lib.syncbn_local_allreduce
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_char_p]
+    _state["local_allreduce"] = fn
+    _state["path"], _state["private"], _state["flags"] = str(path), cache.private, " ".join(flags)
+    return lib
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -352,6 +412,8 @@ def _run_cli(args: Any) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)  # the error is printed below instead
         _load(rebuild=args.rebuild)
     info = build_info()
+    for problem in info["problems"] if info["available"] else ():
+        print(f"syncbn kernel: {problem}", file=sys.stderr)
     if not info["available"]:
         print(f"syncbn kernel: {info['error']}; syncbn will use its plain ATen path",
               file=sys.stderr)

@@ -3,13 +3,23 @@
 ``_comm`` decides, with the group's own collectives, whether a group gets one (every rank on
 one machine, every rank able to map the file) and sets it up; this module only maps the file
 and runs the kernel's wait-and-sum on it. It does not talk to ``torch.distributed``.
+
+Who can touch a segment: it is a file ``syncbn-<pid>-<random>`` in ``/dev/shm`` (or the temp
+dir), created 0600 with ``O_EXCL`` (never an existing file), and the other ranks map it only if
+it is a regular file of their own user with mode 0600 (opened with ``O_NOFOLLOW`` and checked on
+the descriptor). Another local user can therefore neither read, write nor substitute it; they can
+see its name during set-up, and fill ``/dev/shm`` so that a group falls back to the backend.
+Segments whose creator died before removing the name are swept by :func:`sweep_stale`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
+import re
+import stat
 import tempfile
 import time
 import uuid
@@ -17,11 +27,12 @@ from typing import Any
 
 import torch
 
-from . import _kernel
+from . import _cache, _kernel
 
-__all__ = ["LocalError", "LocalGroup", "available", "directory", "new_path", "segment_bytes"]
+__all__ = ["LocalError", "LocalGroup", "available", "directory", "new_path", "segment_bytes",
+           "sweep_stale"]
 
-_CONTROL = 64  # bytes of one rank's control line (seq, pid, len[2])
+_CONTROL = 64  # bytes of one rank's control line (seq, pid, len[2], sleepers)
 
 
 class LocalError(RuntimeError):
@@ -44,8 +55,52 @@ def directory() -> str:
 
 
 def new_path() -> str:
-    """A fresh, unguessable segment name (made by the group's first rank)."""
+    """A fresh, unguessable segment name (made by the group's first rank); first sweeps the
+    segments of creators that died (:func:`sweep_stale`)."""
+    with contextlib.suppress(OSError):
+        sweep_stale()
     return os.path.join(directory(), f"syncbn-{os.getpid()}-{uuid.uuid4().hex}")
+
+
+_SEGMENT_NAME = re.compile(r"syncbn-(\d+)-[0-9a-f]{32}")
+
+
+def sweep_stale(where: str | None = None, min_age_s: float = 60.0) -> list[str]:
+    """Remove the segments (``syncbn-<pid>-<hex>`` in :func:`directory`, or ``where``) of this
+    user whose creator's pid is gone and which are older than ``min_age_s`` (a creator in another
+    pid namespace may look gone: the age spares a set-up in progress there). Returns them."""
+    uid = os.getuid() if hasattr(os, "getuid") else -1
+    removed = []
+    for entry in os.scandir(where or directory()):
+        m = _SEGMENT_NAME.fullmatch(entry.name)
+        if m is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
+                    or time.time() - st.st_mtime < min_age_s or _cache.pid_alive(int(m[1]))):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(entry.path)
+    return removed
+
+
+def _check_segment(fd: int, path: str) -> None:
+    """A segment made by another rank must be a regular file of this user, mode 0600."""
+    st, uid = os.fstat(fd), os.getuid() if hasattr(os, "getuid") else -1
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "it is not a regular file"
+    elif uid >= 0 and st.st_uid != uid:
+        problem = (f"it is owned by {_cache.describe_owner(st.st_uid)}, not by "
+                   f"{_cache.describe_owner(uid)}")
+    elif stat.S_IMODE(st.st_mode) != 0o600:
+        problem = f"its mode is {stat.S_IMODE(st.st_mode):o}, not 600"
+    if problem:
+        raise OSError(f"{path}: not mapped, {problem} (syncbn makes segments 0600 as the "
+                      "ranks' own user; another user may have planted this file)")
 
 
 class LocalGroup:
@@ -68,30 +123,39 @@ class LocalGroup:
             raise OSError("the syncbn kernel (which holds the shared-memory all_reduce) is not loaded")
         self._fn: Any = fn
         size = segment_bytes(world, slot_len)
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        flags = os.O_RDWR | _NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
+        self._map: mmap.mmap | None = None
+        self.created = create
         fd = os.open(path, flags, 0o600)
         try:
             if create:
+                os.fchmod(fd, 0o600)  # exactly, whatever the umask
                 os.ftruncate(fd, size)
                 if hasattr(os, "posix_fallocate"):  # reserve it now: a full /dev/shm is an
                     os.posix_fallocate(fd, 0, size)  # OSError here, not a SIGBUS on a write
-            elif os.fstat(fd).st_size != size:
+            else:
+                _check_segment(fd, path)
+            if not create and os.fstat(fd).st_size != size:
                 raise OSError(f"{path}: {os.fstat(fd).st_size} bytes, expected {size}")
-            self._map = mmap.mmap(fd, size)
+            mapped = mmap.mmap(fd, size)
         except OSError:
             if create:  # made here, not usable: leave nothing behind
                 self.unlink()
             raise
         finally:
             os.close(fd)
-        self._anchor = ctypes.c_char.from_buffer(self._map)  # keeps the mapping's address
+        self._map = mapped
+        self._anchor = ctypes.c_char.from_buffer(mapped)  # keeps the mapping's address
         self.base = ctypes.addressof(self._anchor)
         self._detail = (ctypes.c_int64 * 2)()
         pid_at = rank * _CONTROL + 8
-        self._map[pid_at:pid_at + 8] = pid.to_bytes(8, "little", signed=True)  # 0: not known
+        mapped[pid_at:pid_at + 8] = pid.to_bytes(8, "little", signed=True)  # 0: not known
 
     def unlink(self) -> None:
-        """Remove the file's name (the first rank, once every rank has mapped it)."""
+        """Remove the file's name (the first rank, once every rank has mapped it, or on any
+        failure of the set-up). Idempotent; a no-op on a rank that did not create the file."""
+        if not self.created:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -139,10 +203,16 @@ class LocalGroup:
         raise LocalError(why)
 
     def close(self) -> None:
+        """Unmap the segment (idempotent); the group is unusable afterwards."""
+        if self._map is None:
+            return
+        self.broken = self.broken or "closed"
         del self._anchor
         self._map.close()
+        self._map = None
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _LOCAL_ARGS = _kernel.ARG_FORMATS["local_allreduce"]
 _AGAIN = 5  # LOCAL_AGAIN in local.h
 

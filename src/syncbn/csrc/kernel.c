@@ -39,7 +39,7 @@ enum { DT_NONE = 0, DT_F32 = 1, DT_F64 = 2 };
 #define NSC_BLOCK_BYTES 262144 /* bytes of rows per block in the NSC statistics (in L2) */
 #define NSC_BLOCK_ROWS 1024   /* and at most this many rows: values per channel summed in T */
 
-int syncbn_kernel_version(void) { return 7; }
+int syncbn_kernel_version(void) { return 8; }
 
 /* The argument blocks of the four exported calls (per dtype: _f32, _f64), packed by
  * syncbn/_kernel.py with struct formats that must match (_kernel.ARG_FORMATS): one pointer
