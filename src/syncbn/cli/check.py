@@ -49,6 +49,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from typing import Any
 
@@ -58,7 +59,7 @@ from torch import Tensor
 from ._args import UsageError, int_at_least, number_above
 from ._launch import (SpawnFailure, join_torchrun, joined, leave, place, run_spawned,
                       torchrun_env)
-from ._table import table
+from ._table import WIDTH, table
 
 __all__ = ["TOLERANCES", "add_parser", "run", "shard_sizes"]
 
@@ -293,7 +294,7 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{max(e['running_mean'], e['running_var']):.1e}", "PASS" if r["ok"] else "FAIL",
             f"{r['allreduce_us']:.0f}", f"{r['layer_ms']:.2f}", path, r["transport"],
         ))
-    out = [
+    head_lines = [
         f"syncbn check: syncbn {meta['syncbn_version']}, torch {meta['torch_version']}, "
         f"{meta['world_size']} ranks ({meta['launcher']}), {meta['dtype']}, C={meta['channels']}, "
         f"{meta['size']}x{meta['size']} samples, shards {meta['sizes']}",
@@ -303,6 +304,9 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"layer: forward+backward on the rank's shard; medians of {meta['iters']}",
         "path: syncbn's fused CPU kernel or its ATen path (SYNCBN_KERNEL); transport: shm "
         "(shared memory between the ranks of one machine, SYNCBN_SHM) or the backend",
+    ]
+    out = [
+        *(textwrap.fill(line, WIDTH, subsequent_indent="  ") for line in head_lines),
         "",
         table(head, lines, left=5),
         *notes,
