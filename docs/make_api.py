@@ -26,7 +26,8 @@ ENTRIES = [
 def render() -> str:
     parts = ["# API reference\n",
              "Made from the docstrings by `python docs/make_api.py`; the examples run as doctests.\n",
-             "Command line: `syncbn demo`, `syncbn check`, `syncbn bench` (`--help` on each).\n",
+             "Command line (`syncbn.cli`): `syncbn demo`, `syncbn check`, `syncbn bench`, `syncbn "
+             "kernel` (`--help` on each).\n",
              "Lightning: `syncbn.lightning.SyncBatchNormPlugin(process_group=None)`, a `LayerSync` "
              "plugin (made on first use, so that importing syncbn never imports Lightning); see "
              "[ecosystem.md](ecosystem.md).\n"]

@@ -15,7 +15,8 @@ import sys
 import pytest
 
 import harness
-from syncbn.check import shard_sizes
+from syncbn.cli.check import shard_sizes
+from tables import read_table
 
 
 def _check(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
@@ -24,14 +25,9 @@ def _check(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
                           env=harness.child_env())
 
 
-def _rows(stdout: str) -> dict[int, list[str]]:
-    """Table rows by rank: ``rank host device backend shard out dx dwb running result ...``."""
-    rows = {}
-    for line in stdout.splitlines():
-        fields = line.split()
-        if len(fields) >= 10 and fields[0].isdigit() and fields[9] in ("PASS", "FAIL"):
-            rows[int(fields[0])] = fields
-    return rows
+def _rows(stdout: str) -> dict[int, dict[str, str]]:
+    """The table's rows by rank, each by column name."""
+    return {int(row["rank"]): row for row in read_table(stdout, "rank")}
 
 
 def _explain(proc: subprocess.CompletedProcess) -> str:
@@ -46,17 +42,16 @@ def test_check_passes(world_size, dtype, tol):
     rows = _rows(proc.stdout)
     assert sorted(rows) == list(range(world_size)), _explain(proc)
     sizes = shard_sizes(world_size, 4)
-    for rank, f in rows.items():
-        assert f[2:5] == ["cpu", "gloo", str(sizes[rank])], f
-        errors = [float(e) for e in f[5:9]]
-        assert all(0 <= e <= tol for e in errors), f
-        assert f[9] == "PASS"
-        assert re.fullmatch(r"\d+", f[10]) and f[11] == "us", f  # all_reduce latency
-        assert float(f[12]) > 0 and f[13] == "ms", f  # layer forward+backward
-        assert f[14] == "fused", f  # CPU float32: the fused kernel
-        assert f[15] == "shm", f  # ranks of one machine: shared memory
+    errors = ("output", "grad_in", "grad_w/b", "running")
+    for rank, row in rows.items():
+        assert (row["device"], row["backend"], row["shard"]) == ("cpu", "gloo", str(sizes[rank]))
+        assert all(0 <= float(row[e]) <= tol for e in errors), row
+        assert row["result"] == "PASS"
+        assert re.fullmatch(r"\d+", row["AR us"]) and float(row["layer ms"]) > 0, row
+        assert row["path"] == "fused", row  # CPU float32/float64: the fused kernel
+        assert row["transport"] == "shm", row  # ranks of one machine: shared memory
     if world_size >= 3:
-        assert rows[1][4] == "0", "rank 1's shard should be empty"
+        assert rows[1]["shard"] == "0", "rank 1's shard should be empty"
     assert f"PASS: all {world_size} ranks match the float64 reference" in proc.stdout
 
 
@@ -67,7 +62,8 @@ def test_check_fails_on_a_mismatch():
     rows = _rows(proc.stdout)
     assert sorted(rows) == [0, 1], _explain(proc)
     # Rank 1's wrong data shifts the global statistics: every rank disagrees with the reference.
-    assert all(f[9] == "FAIL" and float(f[5]) > 1e-3 for f in rows.values()), _explain(proc)
+    assert all(r["result"] == "FAIL" and float(r["output"]) > 1e-3 for r in rows.values()), \
+        _explain(proc)
     assert "FAIL: ranks [0, 1] do not match" in proc.stdout
 
 
@@ -75,4 +71,11 @@ def test_check_fails_on_a_mismatch():
 def test_check_bad_options_exit_2():
     proc = _check("--world-size", "1")
     assert proc.returncode == 2, _explain(proc)
-    assert "must be at least 2" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "syncbn check: error: argument -W/--world-size: expected an integer >= 2, got 1 "
+        "(see syncbn check --help)"]
+    proc = _check("--backend", "nccl", "--device", "cpu")
+    assert proc.returncode == 2, _explain(proc)
+    assert proc.stderr.strip().splitlines() == [
+        "syncbn check: error: --backend nccl needs CUDA devices (--device cuda, or auto on a "
+        "machine with a GPU per rank)"]

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 import harness
-from syncbn import demo
-from syncbn.__main__ import main
-from syncbn._demo_data import DataError, load_digits, load_idx_dir, read_idx
+from syncbn.cli import _demo_report, demo, main
+from syncbn.cli._demo_data import DataError, load_digits, load_idx_dir, read_idx
+from syncbn.cli._launch import SpawnFailure
+from tables import read_table
 
 pytestmark = pytest.mark.timeout(60)  # each test; the end-to-end runs set their own
 
@@ -33,7 +34,7 @@ SHORT = ["--world-size", "2", "--batch-per-rank", "2", "--max-steps", "40", "--n
 def _need(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"the demo needs {', '.join(missing)} (pip install 'syncbn[demo]')")
+        pytest.skip(f"the demo needs {', '.join(missing)} (pip install -e '.[demo]')")
 
 
 def _env() -> dict[str, str]:
@@ -86,8 +87,21 @@ def test_short_demo_float32_is_exact_and_writes_outputs(tmp_path, capfd):
     tol = demo.TOLERANCES["float32"]
     assert ex["local_bn_vs_single"]["first_step_loss_diff"] > 10 * tol["loss"]
     assert ex["local_bn_vs_single"]["max_param_diff"] > demo.TOLERANCES["float32"]["param"]
-    # The table, the verdict and where the files went (stdout); one line per config (stderr).
-    assert "configuration" in out and "max|dloss| vs single" in out and ": PASS" in out
+    # The table (the JSON's numbers), the verdict and where the files went (stdout); one line
+    # per configuration (stderr).
+    rows = {r["configuration"]: r for r in read_table(out, "configuration")}
+    assert list(rows) == ["syncbn", "local-bn", "single"]
+    for name, row in rows.items():
+        c = report["configs"][name]
+        assert row["ranks x batch"] == ("1 x 4" if name == "single" else "2 x 2")
+        assert row["test acc"] == f"{100 * c['test_accuracy']:.2f} %"
+        assert row["train loss"] == f"{c['final_train_loss']:.4f}"
+    worst = ex["syncbn_vs_single"]["max_abs_loss_diff"]
+    assert rows["syncbn"]["max|dloss| vs single"] == f"{worst:.2e}"
+    assert rows["single"]["param diff vs single"] == "(reference)"
+    assert "exactness (float32): PASS: " in out
+    summary = out[out.index("exactness (float32)"):out.index("\nwrote ")]
+    assert max(len(line) for line in summary.splitlines()) <= 120, summary
     assert str((tmp_path / "out" / "syncbn-demo.png").resolve()) in out
     for line in ("syncbn     2 x 2: 40 steps", "local-bn   2 x 2: 40 steps",
                  "single     1 x 4: 40 steps", "single-rev 1 x 4: 40 steps"):
@@ -200,8 +214,9 @@ def test_bad_options_exit_2_with_a_message(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", *args])
     assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "usage: syncbn demo" in err
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("syncbn demo: error: "), lines
+    assert message in lines[0] and lines[0].endswith("(see syncbn demo --help)")
 
 
 @pytest.mark.timeout(30)
@@ -219,12 +234,22 @@ def test_a_global_batch_of_one_image_exits_2(tmp_path, capsys):
     assert "must hold at least 2 images" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(30)
+def test_an_output_directory_that_cannot_be_made_exits_2(capsys):
+    assert main(["demo", "--out", "/proc/forbidden/x"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["syncbn demo: error: --out '/proc/forbidden/x': cannot create the directory "
+                     "(No such file or directory)"]
+
+
 @pytest.mark.timeout(60)
 def test_bad_option_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "syncbn", "demo", "-W", "0"],
                           check=False, capture_output=True, text=True, env=_env(), timeout=50)
     assert proc.returncode == 2
-    assert "expected an integer >= 1, got 0" in proc.stderr and not proc.stdout
+    assert proc.stderr.splitlines() == ["syncbn demo: error: argument -W/--world-size: expected "
+                                        "an integer >= 1, got 0 (see syncbn demo --help)"]
+    assert not proc.stdout
 
 
 def _fake_results(steps: int = 12, bump_at: int | None = None, bump: float = 0.0,
@@ -249,34 +274,34 @@ def _fake_results(steps: int = 12, bump_at: int | None = None, bump: float = 0.0
 
 
 def test_check_exactness_absolute_tolerances():
-    ok = demo.check_exactness(_fake_results(bump_at=3, bump=5e-4), "float32")
+    ok = _demo_report.check_exactness(_fake_results(bump_at=3, bump=5e-4), "float32")
     assert ok["passed"] and ok["message"] == "" and ok["first_failing_step"] is None
     assert ok["syncbn_vs_single"]["at_step"] == 3
     assert ok["syncbn_vs_single"]["max_abs_loss_diff"] == pytest.approx(5e-4)
     assert ok["local_bn_vs_single"]["max_param_diff"] == pytest.approx(0.3)
     assert ok["noise_single_reversed_vs_single"] is None
-    bad = demo.check_exactness(_fake_results(bump_at=7, bump=2e-3), "float32")
+    bad = _demo_report.check_exactness(_fake_results(bump_at=7, bump=2e-3), "float32")
     assert not bad["passed"] and bad["first_failing_step"] == 7
     assert "differs by 0.002 at step 7 (allowed there: 0.001; 1 step(s) over)" in bad["message"]
-    bad64 = demo.check_exactness(_fake_results(bump_at=1, bump=1e-7, param_diff=1e-5), "float64")
+    bad64 = _demo_report.check_exactness(_fake_results(bump_at=1, bump=1e-7, param_diff=1e-5), "float64")
     assert not bad64["passed"] and "step 1" in bad64["message"]
     assert "final 'w' differs by 1e-05 (allowed: 1e-06)" in bad64["message"]
-    nan = demo.check_exactness(_fake_results(bump_at=2, bump=float("nan")), "float64")
+    nan = _demo_report.check_exactness(_fake_results(bump_at=2, bump=float("nan")), "float64")
     assert not nan["passed"] and nan["first_failing_step"] == 2
 
 
 def test_check_exactness_follows_the_float_noise_but_not_backwards():
     # Chaotic training: the reversed-batch rerun of single drifts 1e-6 -> 1e-1 from step 6 on.
     noise = [0.0] * 6 + [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-    late = demo.check_exactness(_fake_results(bump_at=10, bump=0.5, noise=noise), "float32")
+    late = _demo_report.check_exactness(_fake_results(bump_at=10, bump=0.5, noise=noise), "float32")
     assert late["passed"], late["message"]  # 0.5 <= 100 x 1e-2 at step 10
     assert late["tolerance"]["allowed_param"] == pytest.approx(0.1)  # 100 x 1e-3
     assert late["noise_single_reversed_vs_single"]["max_abs_loss_diff"] == pytest.approx(0.1)
-    early = demo.check_exactness(_fake_results(bump_at=7, bump=0.5, noise=noise), "float32")
+    early = _demo_report.check_exactness(_fake_results(bump_at=7, bump=0.5, noise=noise), "float32")
     assert not early["passed"] and early["first_failing_step"] == 7
     assert "allowed there: 0.001" in early["message"]  # max(1e-3, 100 x 1e-5)
     # A difference the noise reaches only later is not excused before.
-    before = demo.check_exactness(_fake_results(bump_at=5, bump=0.05, noise=noise), "float64")
+    before = _demo_report.check_exactness(_fake_results(bump_at=5, bump=0.05, noise=noise), "float64")
     assert not before["passed"] and before["first_failing_step"] == 5
 
 
@@ -287,10 +312,11 @@ def test_failed_check_exits_1_and_still_writes_the_reports(tmp_path, capsys):
             "data": {"source": "fake", "n_train": 96, "n_test": 10, "image_size": [28, 28]}}
     opts = {"batch_per_rank": 4, "epochs": 1, "max_steps": None, "seed": 0, "lr": 0.02,
             "momentum": 0.9, "dtype": "float32"}
-    rc = demo._report(_fake_results(bump_at=5, bump=0.1), meta, opts, tmp_path, 0.0)
+    rc = _demo_report.write_report(_fake_results(bump_at=5, bump=0.1), meta, opts, tmp_path, 0.0)
     out, err = capsys.readouterr()
     assert rc == 1
-    assert "EXACTNESS CHECK FAILED" in err and "step 5" in err and ": FAIL" in out
+    assert "EXACTNESS CHECK FAILED" in err and "step 5" in err
+    assert "exactness (float32): FAIL: " in out
     report = json.loads((tmp_path / "syncbn-demo.json").read_text())
     assert report["exactness"]["passed"] is False
     assert (tmp_path / "syncbn-demo.png").read_bytes()[:8] == PNG_MAGIC
@@ -318,7 +344,7 @@ def test_progress_bar_on_rank_0_only(monkeypatch):
 
 def test_sklearn_digits_fallback_shapes():
     _need("sklearn")
-    from syncbn._demo_data import load_sklearn_digits
+    from syncbn.cli._demo_data import load_sklearn_digits
 
     d = load_sklearn_digits()
     assert d.x_train.shape == (1437, 1, 8, 8) and d.x_test.shape == (360, 1, 8, 8)
@@ -366,12 +392,12 @@ _OPTS = {"batch_per_rank": 2, "epochs": 1, "max_steps": None, "seed": 0, "lr": 0
 
 @pytest.mark.timeout(90)
 def test_a_failing_rank_is_reported_with_its_traceback():
-    with pytest.raises(demo._Failure, match=r"(?s)rank [01] failed:.*Traceback.*KeyError: 'bogus'"):
+    with pytest.raises(SpawnFailure, match=r"(?s)rank [01] failed:.*Traceback.*KeyError: 'bogus'"):
         demo._spawn(2, _tiny_raw(), {**_OPTS, "dtype": "bogus"})
 
 
 @pytest.mark.timeout(90)
 def test_ranks_past_the_deadline_are_stopped():
     opts = {**_OPTS, "epochs": 10_000, "timeout": 3.0}
-    with pytest.raises(demo._Failure, match=r"did not finish within --timeout 3 s; stopped them"):
+    with pytest.raises(SpawnFailure, match=r"did not finish within --timeout 3 s; stopped them"):
         demo._spawn(2, _tiny_raw(), opts)

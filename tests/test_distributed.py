@@ -6,6 +6,8 @@ computed in float64 (outputs, grad_input, summed weight/bias grads, running stat
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def _run(worker, world_size, tmp_path, cfg, device="cpu", env=None):
         reason = harness.cuda_skip_reason(world_size)
         if reason:
             pytest.skip(reason)
-        cfg = {**cfg, "device": "cuda"}
+        cfg = dataclasses.replace(cfg, device="cuda")
         return harness.run(worker, world_size, tmp_path, cfg, device="cuda", env=env,
                            backend=harness.cuda_backend(world_size))
     return harness.run(worker, world_size, tmp_path, cfg, env=env)
@@ -38,7 +40,7 @@ def _run(worker, world_size, tmp_path, cfg, device="cpu", env=None):
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_exact_2d(tmp_path, sizes, dtype, device):
-    cfg = {"sizes": sizes, "tail": (3, 4, 5), "dtype": dtype, "layer": "2d", "steps": 2}
+    cfg = workers.Exactness(sizes=sizes, tail=(3, 4, 5), dtype=dtype, layer="2d", steps=2)
     _run(workers.exactness, len(sizes), tmp_path, cfg, device)
 
 
@@ -49,14 +51,14 @@ def test_exact_2d(tmp_path, sizes, dtype, device):
      ("functional", (3, 4, 4))],
 )
 def test_exact_layers(tmp_path, layer, tail, device):
-    cfg = {"sizes": [2, 0, 3], "tail": tail, "dtype": "float64", "layer": layer, "steps": 2}
+    cfg = workers.Exactness(sizes=[2, 0, 3], tail=tail, dtype="float64", layer=layer, steps=2)
     _run(workers.exactness, 3, tmp_path, cfg, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_value_per_rank_1x1(tmp_path, device):
     """One sample of 1x1 per rank: each shard alone could not be normalized, the global batch can."""
-    cfg = {"sizes": [1, 1], "tail": (4, 1, 1), "dtype": "float64", "layer": "2d", "steps": 3}
+    cfg = workers.Exactness(sizes=[1, 1], tail=(4, 1, 1), dtype="float64", layer="2d", steps=3)
     _run(workers.exactness, 2, tmp_path, cfg, device)
 
 
@@ -67,14 +69,15 @@ def test_one_value_per_rank_1x1(tmp_path, device):
     ids=["cumulative", "no-affine", "no-running", "bare", "eps-momentum"],
 )
 def test_exact_options(tmp_path, options):
-    cfg = {"sizes": [3, 1, 4], "tail": (3, 2, 3), "dtype": "float64", "layer": "2d", "steps": 2, **options}
+    cfg = workers.Exactness(sizes=[3, 1, 4], tail=(3, 2, 3), dtype="float64", layer="2d",
+                            **{"steps": 2, **options})
     _run(workers.exactness, 3, tmp_path, cfg)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_inputs(tmp_path, dtype, device):
-    cfg = {"sizes": [3, 2], "tail": (4, 5, 5), "dtype": dtype, "layer": "2d", "steps": 2}
+    cfg = workers.Exactness(sizes=[3, 2], tail=(4, 5, 5), dtype=dtype, layer="2d", steps=2)
     _run(workers.exactness, 2, tmp_path, cfg, device)
 
 
@@ -84,7 +87,7 @@ def test_half_inputs(tmp_path, dtype, device):
     [("2d", (3, 4, 5), "channels_last"), ("3d", (3, 2, 3, 4), "channels_last_3d")],
 )
 def test_channels_last(tmp_path, layer, tail, fmt, device):
-    cfg = {"sizes": [2, 3], "tail": tail, "dtype": "float32", "layer": layer, "memory_format": fmt}
+    cfg = workers.Exactness(sizes=[2, 3], tail=tail, dtype="float32", layer=layer, memory_format=fmt)
     _run(workers.exactness, 2, tmp_path, cfg, device)
 
 
@@ -92,8 +95,8 @@ def test_channels_last(tmp_path, layer, tail, fmt, device):
 def test_ranks_on_different_paths_agree(tmp_path, dtype, layout):
     """A rank on the fused kernel and ranks on the ATen path (e.g. a node without a compiler)
     share one collective: their buffers have the same layout, and the result is exact."""
-    cfg = {"sizes": [3, 2, 4], "tail": (3, 4, 5), "dtype": dtype, "layer": "2d", "steps": 2,
-           "kernels": ["fused", "aten", "fused"], "memory_format": layout}
+    cfg = workers.Exactness(sizes=[3, 2, 4], tail=(3, 4, 5), dtype=dtype, layer="2d", steps=2,
+                            kernels=["fused", "aten", "fused"], memory_format=layout)
     _run(workers.exactness, 3, tmp_path, cfg)
 
 
@@ -101,21 +104,20 @@ def test_ranks_on_different_paths_agree(tmp_path, dtype, layout):
 def test_wait_policies_are_exact(tmp_path, poll):
     """SYNCBN_POLL_US=0 blocks in every collective at once; a huge budget never blocks (polls
     until done). Both give the exact result."""
-    cfg = {"sizes": [3, 0, 4], "tail": (3, 4, 5), "dtype": "float64", "layer": "2d", "steps": 2}
+    cfg = workers.Exactness(sizes=[3, 0, 4], tail=(3, 4, 5), dtype="float64", layer="2d", steps=2)
     _run(workers.exactness, 3, tmp_path, cfg, env={"SYNCBN_POLL_US": poll})
 
 
 def test_large_mean_over_std_float32(tmp_path):
     """mean/std = 1e4 in float32: no catastrophic cancellation in the variance."""
-    cfg = {"sizes": [40, 24], "tail": (3, 8, 8), "dtype": "float32", "layer": "2d",
-           "steps": 1, "mean": 1e4, "std": 1.0, "worker": "variance"}
+    cfg = workers.Moments(sizes=[40, 24], tail=(3, 8, 8), dtype="float32", mean=1e4, std=1.0)
     _run(workers.variance_accuracy, 2, tmp_path, cfg)
 
 
 def test_subgroups(tmp_path):
     """Groups of 2 out of 4 ranks: each pair syncs within itself only."""
-    cfg = {"sizes": [2, 3, 1, 4], "tail": (3, 2, 2), "dtype": "float64", "layer": "2d",
-           "groups": [[0, 1], [2, 3]]}
+    cfg = workers.Exactness(sizes=[2, 3, 1, 4], tail=(3, 2, 2), dtype="float64", layer="2d",
+                            groups=[[0, 1], [2, 3]])
     _run(workers.exactness, 4, tmp_path, cfg)
 
 
@@ -124,7 +126,7 @@ def test_one_collective_per_pass(tmp_path, shm, transport):
     """One all_reduce per pass on either transport: ranks of one machine in shared memory
     (SYNCBN_SHM=auto, the default), or the process group's (SYNCBN_SHM=off)."""
     out = harness.run(workers.uses_one_collective, 3, tmp_path,
-                      {"channels": 5, "sizes": [2, 0, 3]}, env={"SYNCBN_SHM": shm},
+                      workers.Shards(channels=5, sizes=[2, 0, 3]), env={"SYNCBN_SHM": shm},
                       fresh=True)  # fresh processes: no wider layer was built before
     # payload 2C + 1 (forward) or 2C (backward), padded to the group's width (at least 64
     # channels: 2 * 64 + 1), plus the header: two sentinels and (f, f^2) for 6 fields
@@ -137,7 +139,8 @@ def test_one_collective_per_pass(tmp_path, shm, transport):
 
 
 def test_a_wider_layer_built_late_widens_the_shared_memory(tmp_path):
-    out = harness.run(workers.late_wide_layer, 3, tmp_path, {"channels": 100, "sizes": [2, 0, 3]},
+    out = harness.run(workers.late_wide_layer, 3, tmp_path,
+                      workers.Shards(channels=100, sizes=[2, 0, 3]),
                       fresh=True)  # fresh processes: the group's segment is made here
     for rank in out:
         assert rank["transport"] == "shm", out
@@ -149,18 +152,18 @@ def test_a_wider_layer_built_late_widens_the_shared_memory(tmp_path):
 def test_global_batch_of_one_raises_everywhere(tmp_path, sizes):
     shapes = [(n, 3) for n in sizes]
     out = harness.run(workers.expect_error, len(sizes), tmp_path,
-                      {"layer": "1d", "channels": 3, "shapes": shapes})
+                      workers.ExpectError(layer="1d", channels=3, shapes=shapes))
     for msg in out:
         assert msg.startswith("ValueError: Expected more than 1 value per channel when training"), msg
 
 
 def test_global_batch_of_zero_is_empty(tmp_path):
-    harness.run(workers.empty_everywhere, 2, tmp_path, {})
+    harness.run(workers.empty_everywhere, 2, tmp_path)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_ddp_training_equals_single_process(tmp_path, dtype):
-    cfg = {"sizes": [3, 2], "steps": 3, "dtype": dtype}
+    cfg = workers.DDPTraining(sizes=[3, 2], steps=3, dtype=dtype)
     harness.run(workers.ddp_training, 2, tmp_path, cfg)
 
 
@@ -168,21 +171,21 @@ def test_ddp_training_equals_single_process(tmp_path, dtype):
     {"find_unused_parameters": True}, {"broadcast_buffers": False}, {"static_graph": True},
 ], ids=["find_unused", "no_broadcast_buffers", "static_graph"])
 def test_ddp_options(tmp_path, ddp):
-    cfg = {"sizes": [2, 3], "steps": 2, "dtype": "float64", "ddp": ddp}
+    cfg = workers.DDPTraining(sizes=[2, 3], steps=2, dtype="float64", ddp=ddp)
     harness.run(workers.ddp_training, 2, tmp_path, cfg)
 
 
 def test_ddp_gradient_accumulation(tmp_path):
-    cfg = {"sizes": [2, 4], "steps": 2, "accumulate": 2, "dtype": "float64"}
+    cfg = workers.DDPTraining(sizes=[2, 4], steps=2, accumulate=2, dtype="float64")
     harness.run(workers.ddp_training, 2, tmp_path, cfg)
 
 
 def test_autocast_bfloat16(tmp_path):
-    harness.run(workers.autocast_training, 2, tmp_path, {"sizes": [2, 3]})
+    harness.run(workers.autocast_training, 2, tmp_path, workers.Shards(sizes=[2, 3]))
 
 
 def test_double_backward_raises_clearly(tmp_path):
-    for msg in harness.run(workers.double_backward_is_refused, 2, tmp_path, {}):
+    for msg in harness.run(workers.double_backward_is_refused, 2, tmp_path):
         assert "differentiate twice" in msg, msg
 
 
@@ -196,7 +199,7 @@ def _misuse(tmp_path, scenario, world_size=2, device="cpu", env=None, **cfg):
             pytest.skip(reason)
         cfg["device"] = "cuda"
         kw = {"device": "cuda", "backend": harness.cuda_backend(world_size)}
-    return harness.run(workers.misuse, world_size, tmp_path, {"scenario": scenario, **cfg},
+    return harness.run(workers.misuse, world_size, tmp_path, workers.Misuse(scenario, **cfg),
                        pg_timeout=5, timeout=90, fresh=True, env=env, **kw)
 
 
@@ -266,12 +269,12 @@ def test_debug_mode_names_the_rank_with_non_finite_statistics(tmp_path):
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 def test_activation_checkpointing(tmp_path, reentrant):
-    harness.run(workers.checkpointing, 2, tmp_path, {"sizes": [3, 2], "reentrant": reentrant})
+    harness.run(workers.checkpointing, 2, tmp_path, [3, 2], reentrant)
 
 
 @pytest.mark.parametrize("policy", ["propagate", "skip", "raise"])
 def test_nonfinite_policies(tmp_path, policy):
-    errors = harness.run(workers.nonfinite, 2, tmp_path, {"policy": policy}, fresh=True)
+    errors = harness.run(workers.nonfinite, 2, tmp_path, policy, fresh=True)
     if policy == "raise":
         for e in errors:
             assert "non-finite values (NaN or Inf) in the global batch statistics of SyncBatchNorm1d(2)" in e, e
@@ -282,5 +285,5 @@ def test_nonfinite_policies(tmp_path, policy):
 def test_gradients_at_large_mean_over_std_float32(tmp_path):
     """mean/std = 1e3 in float32: grad_input as accurate as torch's own float32 BatchNorm."""
     out = harness.run(workers.large_mean_gradients, 2, tmp_path,
-                      {"sizes": [6, 10], "tail": (3, 4, 4), "mean": 10.0, "std": 0.01})
+                      workers.Moments(sizes=[6, 10], tail=(3, 4, 4), mean=10.0, std=0.01))
     print("grad_input max error, syncbn vs torch float32:", out[0])

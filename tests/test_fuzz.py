@@ -50,7 +50,8 @@ def test_random_cases_match_the_reference_or_fail_loudly(case):
     world = len(case["sizes"])
     values = math.prod(case["tail"][1:]) * sum(case["sizes"])
     with tempfile.TemporaryDirectory() as tmp:
-        out = harness.run(workers.fuzz_case, world, Path(tmp), case, pg_timeout=5, timeout=90,
+        out = harness.run(workers.fuzz_case, world, Path(tmp), workers.FuzzCase(**case),
+                          pg_timeout=5, timeout=90,
                           fresh=case["fault"] is not None)
     kinds = [kind for kind, _ in out]
     if case["fault"] is not None:

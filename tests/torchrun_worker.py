@@ -31,10 +31,10 @@ def run() -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == len(sizes), f"WORLD_SIZE {world} but {len(sizes)} shard sizes {sizes}"
     for dtype in ("float64", "float32"):
-        workers.exactness(rank, world, {"sizes": sizes, "tail": (3, 4, 5), "dtype": dtype,
-                                        "layer": "2d", "steps": 2})
-    workers.ddp_training(rank, world, {"sizes": [max(n, 1) for n in sizes], "steps": 2,
-                                       "dtype": "float64"})
+        workers.exactness(rank, world, workers.Exactness(sizes=sizes, tail=(3, 4, 5), dtype=dtype,
+                                                         layer="2d", steps=2))
+    workers.ddp_training(rank, world, workers.DDPTraining(sizes=[max(n, 1) for n in sizes],
+                                                          steps=2, dtype="float64"))
     # `syncbn check` under torchrun: reuses this group, prints its table on rank 0, and
     # destroys the group at the end.
     status = syncbn_main(["check", "--iters", "2", "--dtype", "float64"])

@@ -1,14 +1,17 @@
 """Worker functions run on every rank by ``harness.run`` (top level, so spawned children import them).
 
 Each compares what this rank computes with syncbn against ``reference`` on the global batch, and
-raises (with what differed) if it does not match.
+raises (with what differed) if it does not match. A worker's parameters are a frozen dataclass
+(``Exactness``, ``DDPTraining``, ...): a misspelled or missing parameter is a TypeError where the
+test builds it, not a default silently used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,15 +27,94 @@ LAYERS = {"1d": syncbn.SyncBatchNorm1d, "2d": syncbn.SyncBatchNorm2d,
           "3d": syncbn.SyncBatchNorm3d, "generic": syncbn.SyncBatchNorm}
 
 
-def _device(cfg: dict[str, Any], rank: int) -> torch.device:
-    if cfg.get("device", "cpu") == "cuda":
+@dataclass(frozen=True)
+class Exactness:
+    """``exactness``: shard ``sizes[r]`` of shape ``(n, *tail)`` on rank r, ``steps`` passes."""
+
+    sizes: list[int]
+    tail: tuple[int, ...]
+    dtype: str = "float64"
+    layer: str = "2d"  # a key of LAYERS, or "functional"
+    steps: int = 2
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+    affine: bool = True
+    track: bool = True
+    seed: int = 0
+    mean: float = 0.0
+    std: float = 1.0
+    device: str = "cpu"
+    groups: Optional[list[list[int]]] = None  # subgroups; every rank creates all of them
+    kernels: Optional[list[str]] = None  # SYNCBN_KERNEL per rank
+    memory_format: Optional[str] = None  # e.g. "channels_last"
+
+
+@dataclass(frozen=True)
+class FuzzCase(Exactness):
+    """``fuzz_case``: an ``Exactness`` case, or with ``fault`` ("channels", "dim") on ``bad_rank``."""
+
+    fault: Optional[str] = None
+    bad_rank: int = 0
+
+
+@dataclass(frozen=True)
+class ExpectError:
+    """``expect_error``: a ``layer`` of ``channels`` on input ``shapes[r]`` on rank r."""
+
+    channels: int
+    shapes: list[tuple[int, ...]]
+    layer: str = "2d"
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Workers that need only shard sizes (and a channel count)."""
+
+    sizes: list[int]
+    channels: int = 3
+
+
+@dataclass(frozen=True)
+class DDPTraining:
+    """``ddp_training``: ``steps`` SGD steps of ``accumulate`` micro-batches each."""
+
+    sizes: list[int]
+    steps: int = 3
+    dtype: str = "float64"
+    accumulate: int = 1
+    ddp: dict[str, Any] = field(default_factory=dict)  # DistributedDataParallel's options
+
+
+@dataclass(frozen=True)
+class Moments:
+    """``variance_accuracy``, ``large_mean_gradients``: data of this mean and std."""
+
+    sizes: list[int]
+    tail: tuple[int, ...]
+    mean: float
+    std: float
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Misuse:
+    """``misuse``: one ``scenario`` (see the worker) on layers of ``widths`` channels."""
+
+    scenario: str
+    widths: list[int] = field(default_factory=lambda: [4, 4])
+    device: str = "cpu"
+    debug: bool = False  # SYNCBN_DEBUG=1
+    stall_s: float = 0.0  # "stall": how long rank 1 stays away
+
+
+def _device(device: str, rank: int) -> torch.device:
+    if device == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _group(cfg: dict[str, Any], rank: int) -> tuple[Any, list[int]]:
+def _group(groups: Optional[list[list[int]]], rank: int) -> tuple[Any, list[int]]:
     """The process group this rank syncs over and the global ranks in it."""
-    groups = cfg.get("groups")
     if not groups:
         return None, list(range(dist.get_world_size()))
     # Every rank must create every subgroup, in the same order.
@@ -43,28 +125,27 @@ def _group(cfg: dict[str, Any], rank: int) -> tuple[Any, list[int]]:
     raise AssertionError(f"rank {rank} in no group of {groups}")
 
 
-def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def exactness(rank: int, world_size: int, cfg: Exactness) -> dict[str, Any]:
     """Forward/backward ``steps`` times on shard ``sizes[rank]`` and compare with the reference.
 
-    ``cfg["kernels"]``, when given, is ``SYNCBN_KERNEL`` per rank (ranks on different paths)."""
-    if cfg.get("kernels"):
+    ``cfg.kernels``, when given, is ``SYNCBN_KERNEL`` per rank (ranks on different paths)."""
+    if cfg.kernels:
         import os
 
-        os.environ["SYNCBN_KERNEL"] = cfg["kernels"][rank]
-    dtype = DTYPES[cfg.get("dtype", "float64")]
+        os.environ["SYNCBN_KERNEL"] = cfg.kernels[rank]
+    dtype = DTYPES[cfg.dtype]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    tail = tuple(cfg["tail"])
-    sizes = cfg["sizes"]
-    steps = cfg.get("steps", 2)
-    momentum = cfg.get("momentum", 0.1)
-    eps = cfg.get("eps", 1e-5)
-    affine = cfg.get("affine", True)
-    track = cfg.get("track", True)
-    device = _device(cfg, rank)
-    group, members = _group(cfg, rank)
-    shards, grads = make_data(sizes, tail, dtype, cfg.get("seed", 0),
-                              mean=cfg.get("mean", 0.0), std=cfg.get("std", 1.0))
-    weight, bias = make_params(tail[0], cfg.get("seed", 0))
+    tail = tuple(cfg.tail)
+    sizes = cfg.sizes
+    steps = cfg.steps
+    momentum = cfg.momentum
+    eps = cfg.eps
+    affine = cfg.affine
+    track = cfg.track
+    device = _device(cfg.device, rank)
+    group, members = _group(cfg.groups, rank)
+    shards, grads = make_data(sizes, tail, dtype, cfg.seed, mean=cfg.mean, std=cfg.std)
+    weight, bias = make_params(tail[0], cfg.seed)
     ref = reference_steps([shards[r] for r in members], [grads[r] for r in members],
                           weight if affine else None, bias if affine else None,
                           steps, momentum, eps, track)
@@ -76,7 +157,7 @@ def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]
                                        weight if affine else None, bias if affine else None, eps,
                                        torch.cat(ref[0]["dx"]))
 
-    kind = cfg.get("layer", "2d")
+    kind = cfg.layer
     if kind == "functional":
         layer = None
         w = weight.to(device, param_dtype).requires_grad_() if affine else None
@@ -91,7 +172,7 @@ def exactness(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]
             with torch.no_grad():
                 layer.weight.copy_(weight)
                 layer.bias.copy_(bias)
-    memory_format = cfg.get("memory_format")
+    memory_format = cfg.memory_format
     fused = _count_fused_passes()
     for step in range(steps):
         x = shards[rank].to(device).clone()
@@ -168,10 +249,10 @@ def _check_path(fused: list[int], x: torch.Tensor, synced: int) -> None:
         assert fused[0] == 0, f"fused kernel used in {fused[0]} forwards"
 
 
-def expect_error(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
+def expect_error(rank: int, world_size: int, cfg: ExpectError) -> str:
     """Run a layer that must raise on this rank; return the error text (asserted by the test)."""
-    layer = LAYERS[cfg.get("layer", "2d")](cfg["channels"])
-    x = torch.randn(*cfg["shapes"][rank])
+    layer = LAYERS[cfg.layer](cfg.channels)
+    x = torch.randn(*cfg.shapes[rank])
     try:
         layer(x)
     except (ValueError, RuntimeError) as e:
@@ -179,7 +260,7 @@ def expect_error(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
     raise AssertionError(f"rank {rank}: no error for input {tuple(x.shape)}")
 
 
-def uses_one_collective(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def uses_one_collective(rank: int, world_size: int, cfg: Shards) -> dict[str, Any]:
     """Count collectives and their sizes in one training forward and backward, on either
     transport (the backend's all_reduce, or the same-machine shared-memory one)."""
     from syncbn import _comm, _local
@@ -201,9 +282,9 @@ def uses_one_collective(rank: int, world_size: int, cfg: dict[str, Any]) -> dict
     dist.all_reduce = spy
     _local.LocalGroup.all_reduce = local_spy  # type: ignore[method-assign]
     try:
-        channels = cfg["channels"]
+        channels = cfg.channels
         layer = syncbn.SyncBatchNorm2d(channels)
-        x = torch.randn(cfg["sizes"][rank], channels, 3, 3, requires_grad=True)
+        x = torch.randn(cfg.sizes[rank], channels, 3, 3, requires_grad=True)
         y = layer(x)
         forward_calls = list(calls)
         y.sum().backward()
@@ -219,7 +300,7 @@ def uses_one_collective(rank: int, world_size: int, cfg: dict[str, Any]) -> dict
             "transport": _comm.transport()}
 
 
-def late_wide_layer(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def late_wide_layer(rank: int, world_size: int, cfg: Shards) -> dict[str, Any]:
     """A layer wider than every earlier one, built after the group's first collectives: its
     buffers no longer fit the shared-memory slots made at set-up, so every rank sets up wider
     ones at the same pass. Its results are still those of the reference."""
@@ -229,7 +310,7 @@ def late_wide_layer(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str
     narrow = syncbn.SyncBatchNorm1d(3).double()
     narrow(torch.randn(2, 3, dtype=torch.float64, requires_grad=True)).sum().backward()
     slot_before = _slot_len()
-    channels, sizes = cfg["channels"], cfg["sizes"]
+    channels, sizes = cfg.channels, cfg.sizes
     shards, grads = make_data(sizes, (channels,), torch.float64, 1)
     weight, bias = make_params(channels, 1)
     ref = reference_steps(shards, grads, weight, bias, 1, 0.1, 1e-5, True)
@@ -274,15 +355,15 @@ class SmallNet(nn.Module):
         return self.head(self.features(x))
 
 
-def ddp_training(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def ddp_training(rank: int, world_size: int, cfg: DDPTraining) -> dict[str, Any]:
     """DDP + syncbn for a few SGD steps == one process with plain BN on the concatenated batch."""
-    dtype = DTYPES[cfg.get("dtype", "float64")]
-    sizes, steps, accumulate = cfg["sizes"], cfg.get("steps", 3), cfg.get("accumulate", 1)
+    dtype = DTYPES[cfg.dtype]
+    sizes, steps, accumulate = cfg.sizes, cfg.steps, cfg.accumulate
     torch.manual_seed(0)
     reference = SmallNet().to(dtype)
     model = syncbn.convert_sync_batchnorm(SmallNet().to(dtype))
     model.load_state_dict(reference.state_dict())
-    ddp = nn.parallel.DistributedDataParallel(model, **cfg.get("ddp", {}))
+    ddp = nn.parallel.DistributedDataParallel(model, **cfg.ddp)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     total = sum(sizes)
@@ -310,11 +391,11 @@ def ddp_training(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, A
     return {"rank": rank}
 
 
-def variance_accuracy(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def variance_accuracy(rank: int, world_size: int, cfg: Moments) -> dict[str, Any]:
     """Global variance of float32 data with a large mean/std, against float64 on the same data."""
-    dtype = DTYPES[cfg["dtype"]]
-    shards, _ = make_data(cfg["sizes"], tuple(cfg["tail"]), dtype, 0, mean=cfg["mean"], std=cfg["std"])
-    layer = syncbn.SyncBatchNorm2d(cfg["tail"][0], momentum=1.0)  # running_var = this batch's
+    dtype = DTYPES[cfg.dtype]
+    shards, _ = make_data(cfg.sizes, tuple(cfg.tail), dtype, 0, mean=cfg.mean, std=cfg.std)
+    layer = syncbn.SyncBatchNorm2d(cfg.tail[0], momentum=1.0)  # running_var = this batch's
     layer(shards[rank])
     data = torch.cat(shards).double()
     expected = data.transpose(0, 1).flatten(1).var(dim=1)  # unbiased, float64
@@ -330,7 +411,7 @@ def variance_accuracy(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[s
     return {"rel": rel, "naive_rel": naive_rel}
 
 
-def empty_everywhere(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def empty_everywhere(rank: int, world_size: int) -> dict[str, Any]:
     """A global batch of 0 values: empty output and grads, running stats untouched, like torch."""
     layer = syncbn.SyncBatchNorm2d(3)
     x = torch.randn(0, 3, 2, 2, requires_grad=True)
@@ -344,13 +425,13 @@ def empty_everywhere(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[st
     return {}
 
 
-def autocast_training(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def autocast_training(rank: int, world_size: int, cfg: Shards) -> dict[str, Any]:
     """Conv -> syncbn under torch.autocast(bfloat16): output in the conv's dtype, float32 running
     stats equal to the float64 reference on the (bfloat16) conv outputs of all ranks."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3)
     bn = syncbn.SyncBatchNorm2d(4, momentum=1.0)
-    sizes = cfg["sizes"]
+    sizes = cfg.sizes
     x = torch.randn(sum(sizes), 3, 6, 6, generator=torch.Generator().manual_seed(1))
     lo = sum(sizes[:rank])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -370,7 +451,7 @@ def autocast_training(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[s
     return {}
 
 
-def double_backward_is_refused(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
+def double_backward_is_refused(rank: int, world_size: int) -> str:
     """Gradient of a gradient through a synchronized layer: a clear error, never a wrong number."""
     layer = syncbn.SyncBatchNorm1d(3, dtype=torch.float64)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
@@ -382,17 +463,17 @@ def double_backward_is_refused(rank: int, world_size: int, cfg: dict[str, Any]) 
     raise AssertionError("double backward through a synchronized layer did not raise")
 
 
-def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
+def misuse(rank: int, world_size: int, cfg: Misuse) -> str:
     """Run a misuse scenario; return this rank's error text ("" if it raised none)."""
     import os
     import time
 
-    if cfg.get("debug"):
+    if cfg.debug:
         os.environ["SYNCBN_DEBUG"] = "1"
-    scenario = cfg["scenario"]
+    scenario = cfg.scenario
     torch.manual_seed(0)
-    widths = cfg.get("widths", [4, 4])
-    device = _device(cfg, rank)
+    widths = cfg.widths
+    device = _device(cfg.device, rank)
     model = syncbn.convert_sync_batchnorm(nn.Sequential(*[nn.BatchNorm1d(c) for c in widths])).to(device)
     x = torch.randn(3, widths[0], device=device, requires_grad=True)
     try:
@@ -420,7 +501,7 @@ def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
         elif scenario == "stall":  # after a step, rank 1 stays away (alive) past the timeout
             model(x).sum().backward()
             if rank == 1:
-                time.sleep(cfg["stall_s"])
+                time.sleep(cfg.stall_s)
                 return ""
             model(x).sum().backward()
         elif scenario == "nan":  # rank 1's data has a NaN
@@ -437,7 +518,7 @@ def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
     return ""
 
 
-def checkpointing(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def checkpointing(rank: int, world_size: int, sizes: list[int], reentrant: bool) -> dict[str, Any]:
     """syncbn inside torch.utils.checkpoint: gradients equal the reference, running statistics
     and num_batches_tracked updated once per step (not again by the recompute)."""
     from torch.utils.checkpoint import checkpoint
@@ -448,7 +529,6 @@ def checkpointing(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, 
     model = syncbn.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(2, 4, 1), nn.Sequential(
         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()), nn.BatchNorm2d(4))).double()
     model.load_state_dict(reference.state_dict())
-    sizes = cfg["sizes"]
     lo = sum(sizes[:rank])
     g = torch.Generator().manual_seed(1)
     for step in range(2):
@@ -458,7 +538,7 @@ def checkpointing(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, 
         reference.zero_grad()
         xs = x[lo:lo + sizes[rank]]
         h = model[0](xs)
-        h = checkpoint(model[1], h, use_reentrant=cfg["reentrant"])
+        h = checkpoint(model[1], h, use_reentrant=reentrant)
         (model[2](h) * w[lo:lo + sizes[rank]]).sum().backward()
         (reference(x) * w).sum().backward()
         for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
@@ -471,11 +551,11 @@ def checkpointing(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, 
     return {}
 
 
-def nonfinite(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
-    """A NaN in channel 0 of rank 1's data, under SYNCBN_NONFINITE=cfg["policy"]."""
+def nonfinite(rank: int, world_size: int, policy: str) -> str:
+    """A NaN in channel 0 of rank 1's data, under SYNCBN_NONFINITE=policy."""
     import os
 
-    os.environ["SYNCBN_NONFINITE"] = cfg["policy"]
+    os.environ["SYNCBN_NONFINITE"] = policy
     shards, _ = make_data([3, 4], (2,), torch.float64, 0)
     layer = syncbn.SyncBatchNorm1d(2, dtype=torch.float64, momentum=0.5)
     x = shards[rank].clone()
@@ -487,26 +567,26 @@ def nonfinite(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
         return str(e)
     clean = torch.cat(shards)[:, 1]
     assert_matches(layer.running_mean[1:], 0.5 * clean.mean().view(1), torch.float64, "clean channel")
-    if cfg["policy"] == "propagate":
+    if policy == "propagate":
         assert torch.isnan(layer.running_mean[0]) and torch.isnan(layer.running_var[0])
     else:  # skip: the poisoned channel keeps its previous statistics
         assert layer.running_mean[0] == 0.0 and layer.running_var[0] == 1.0, layer.running_mean
     return ""
 
 
-def fuzz_case(rank: int, world_size: int, cfg: dict[str, Any]) -> tuple[str, str]:
+def fuzz_case(rank: int, world_size: int, cfg: FuzzCase) -> tuple[str, str]:
     """One random case: valid ones must match the reference (asserted in ``exactness``);
     invalid ones must raise. Returns ("ok", "") or (error type, message) for this rank."""
-    fault = cfg.get("fault")
-    one_value = sum(cfg["sizes"]) * math.prod(cfg["tail"][1:]) == 1
+    fault = cfg.fault
+    one_value = sum(cfg.sizes) * math.prod(cfg.tail[1:]) == 1
     try:
         if fault is None and not one_value:
             exactness(rank, world_size, cfg)
             return "ok", ""
-        channels = cfg["tail"][0]
+        channels = cfg.tail[0]
         layer = syncbn.SyncBatchNorm(channels)
-        shape = (cfg["sizes"][rank], *cfg["tail"])
-        if fault is not None and rank == cfg["bad_rank"]:
+        shape = (cfg.sizes[rank], *cfg.tail)
+        if fault is not None and rank == cfg.bad_rank:
             shape = (shape[0], channels + 1, *shape[2:]) if fault == "channels" else (channels,)
         layer(torch.randn(shape)).sum().backward()
         return "ok", ""
@@ -514,15 +594,15 @@ def fuzz_case(rank: int, world_size: int, cfg: dict[str, Any]) -> tuple[str, str
         return type(e).__name__, str(e)
 
 
-def large_mean_gradients(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, float]:
-    """float32 data with mean/std = cfg["mean"]: syncbn's output and grad_input errors (against
+def large_mean_gradients(rank: int, world_size: int, cfg: Moments) -> dict[str, float]:
+    """float32 data with mean/std = cfg.mean/cfg.std: syncbn's output and grad_input errors (against
     float64 on the global batch) must be no worse than torch's own float32 BatchNorm's on the
     concatenated batch: no cancellation beyond what float32 data forces on everyone."""
-    sizes, tail = cfg["sizes"], tuple(cfg["tail"])
-    shards, _ = make_data(sizes, tail, torch.float32, 3, mean=cfg["mean"], std=cfg["std"])
+    sizes, tail = cfg.sizes, tuple(cfg.tail)
+    shards, _ = make_data(sizes, tail, torch.float32, 3, mean=cfg.mean, std=cfg.std)
     # upstream gradients correlated with x (as from a loss like y**2): sum(dy * xhat) is large,
     # which is where a folded x * b + c form of grad_input cancels
-    grads = [((s.double() - cfg["mean"]) / cfg["std"]).float() for s in shards]
+    grads = [((s.double() - cfg.mean) / cfg.std).float() for s in shards]
     ref = reference_steps(shards, grads, None, None, 1, 0.1, 1e-5, True)[0]
     layer = syncbn.SyncBatchNorm2d(tail[0], affine=False)
     x = shards[rank].clone().requires_grad_()

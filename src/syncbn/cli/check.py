@@ -26,7 +26,8 @@ at least 64 channels, plus a 14-number header) and one layer's forward +
 backward on the rank's shard (both including their collectives; medians over ``--iters``).
 
 Output: one line per rank (rank, host, device, backend, shard size, the largest errors, PASS or
-FAIL, all_reduce latency, layer time), printed by rank 0, then a verdict.
+FAIL, all_reduce latency, layer time, syncbn's path and transport), printed by rank 0, then a
+verdict.
 
 Launch. Without torchrun it spawns ``--world-size`` processes itself (spawn start method, gloo
 over a ``FileStore`` in a temporary directory, one thread each; ``--device cuda`` puts rank r on
@@ -48,14 +49,17 @@ import socket
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._spawn import SpawnFailure, joined, leave, run_spawned
+from ._args import UsageError, int_at_least, number_above
+from ._launch import (SpawnFailure, join_torchrun, joined, leave, place, run_spawned,
+                      torchrun_env)
+from ._table import WIDTH, table
 
 __all__ = ["TOLERANCES", "add_parser", "run", "shard_sizes"]
 
@@ -82,29 +86,6 @@ def shard_sizes(world_size: int, batch: int) -> list[int]:
 # --------------------------------------------------------------------------- command line
 
 
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``check`` subcommand to ``syncbn``'s subparsers; returns its parser."""
     p = subparsers.add_parser(
@@ -118,9 +99,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "and one layer's forward+backward. Spawns --world-size CPU processes (gloo), or runs "
             "one rank per process under torchrun (NCCL on GPUs)."
         ),
-        epilog="Exit status: 0 all ranks match, 1 mismatch or a rank failed, 2 bad options.",
+        epilog="Exit status: 0 all ranks match, 1 mismatch or a rank failed, 2 bad options. "
+        "The manual: python -c 'import syncbn.cli.check; help(syncbn.cli.check)'",
     )
-    p.add_argument("-W", "--world-size", type=_int_at_least(2), default=None, metavar="W",
+    p.add_argument("-W", "--world-size", type=int_at_least(2), default=None, metavar="W",
                    help="number of processes to spawn (default: 2; under torchrun: its "
                    "WORLD_SIZE)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
@@ -131,17 +113,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="'auto': NCCL on CUDA when every local rank has its own GPU, else gloo "
                    "(default: %(default)s)")
-    p.add_argument("-C", "--channels", type=_int_at_least(1), default=32,
+    p.add_argument("-C", "--channels", type=int_at_least(1), default=32,
                    help="channels C of the layer (default: %(default)s)")
-    p.add_argument("-b", "--batch", type=_int_at_least(1), default=4,
+    p.add_argument("-b", "--batch", type=int_at_least(1), default=4,
                    help="base shard size: rank r gets batch + r %% 3 samples (default: "
                    "%(default)s)")
-    p.add_argument("--size", type=_int_at_least(1), default=8,
+    p.add_argument("--size", type=int_at_least(1), default=8,
                    help="height and width of each sample (default: %(default)s)")
-    p.add_argument("--iters", type=_int_at_least(1), default=20,
+    p.add_argument("--iters", type=int_at_least(1), default=20,
                    help="timed iterations (after 3 warm-ups) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: %(default)s)")
-    p.add_argument("--timeout", type=_positive_float, default=180.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=number_above(0), default=180.0, metavar="SECONDS",
                    help="process-group timeout, and how long to wait for spawned ranks "
                    "(default: %(default)s)")
     # For the tests: shift this rank's input by +1 so that the check must fail.
@@ -293,38 +275,41 @@ def _gather_rows(row: dict[str, Any], group: Any = None) -> list[dict[str, Any]]
 
 
 def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """The per-rank table and the verdict, as printed."""
+    """The per-rank table and the verdict, as printed (at most 120 columns)."""
     tol = TOLERANCES[meta["dtype"]]
     head = ("rank", "host", "device", "backend", "shard", "output", "grad_in", "grad_w/b",
-            "running", "result", "all_reduce", "fwd+bwd", "path", "transport")
-    lines = []
+            "running", "result", "AR us", "layer ms", "path", "transport")
+    lines, notes = [], []
     for r in rows:
         e = r["errors"]
-        result = "PASS" if r["ok"] else "FAIL"
+        path, _, why = r["path"].partition(" ")
+        if why:
+            notes.append(f"rank {r['rank']}: syncbn's {path} path {why}")
         if not r["identical_running_stats"]:
-            result += " (running stats differ from rank 0)"
+            notes.append(f"rank {r['rank']}: its running statistics differ from rank 0's")
         lines.append((
-            str(r["rank"]), r["host"], r["device"], r["backend"], str(r["shard"]),
+            str(r["rank"]), _short_host(r["host"]), r["device"], r["backend"], str(r["shard"]),
             f"{e['output']:.1e}", f"{e['grad_input']:.1e}",
             f"{max(e['grad_weight'], e['grad_bias']):.1e}",
-            f"{max(e['running_mean'], e['running_var']):.1e}", result,
-            f"{r['allreduce_us']:.0f} us", f"{r['layer_ms']:.2f} ms", r["path"], r["transport"],
+            f"{max(e['running_mean'], e['running_var']):.1e}", "PASS" if r["ok"] else "FAIL",
+            f"{r['allreduce_us']:.0f}", f"{r['layer_ms']:.2f}", path, r["transport"],
         ))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [
+    head_lines = [
         f"syncbn check: syncbn {meta['syncbn_version']}, torch {meta['torch_version']}, "
         f"{meta['world_size']} ranks ({meta['launcher']}), {meta['dtype']}, C={meta['channels']}, "
         f"{meta['size']}x{meta['size']} samples, shards {meta['sizes']}",
-        f"errors: max |syncbn - float64 reference| / max(1, max |reference|), tolerance {tol:g}; "
-        f"all_reduce: {meta['buffer']} float64 (the forward's buffer) through the backend; "
-        "fwd+bwd: one "
-        f"layer on the rank's shard; medians of {meta['iters']}; path: syncbn's fused CPU "
-        "kernel or its ATen path (SYNCBN_KERNEL); transport: how syncbn's collectives travel "
-        "(shm: shared memory between the ranks of one machine, SYNCBN_SHM; else the backend)",
+        f"output ... running: max |syncbn - float64 reference| / max(1, max |reference|), "
+        f"tolerance {tol:g}",
+        f"AR: one all_reduce of the forward's {meta['buffer']} float64 through the backend; "
+        f"layer: forward+backward on the rank's shard; medians of {meta['iters']}",
+        "path: syncbn's fused CPU kernel or its ATen path (SYNCBN_KERNEL); transport: shm "
+        "(shared memory between the ranks of one machine, SYNCBN_SHM) or the backend",
+    ]
+    out = [
+        *(textwrap.fill(line, WIDTH, subsequent_indent="  ") for line in head_lines),
         "",
-        fmt.format(*head).rstrip(),
-        *(fmt.format(*line).rstrip() for line in lines),
+        table(head, lines, left=5),
+        *notes,
         "",
     ]
     bad = [r["rank"] for r in rows if not r["ok"]]
@@ -335,8 +320,14 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _short_host(host: str) -> str:
+    """The host name without its domain, at most 16 characters (the table fits 120 columns)."""
+    name = host.split(".")[0]
+    return name if len(name) <= 16 else name[:15] + "~"
+
+
 def _meta(world_size: int, launcher: str, opts: dict[str, Any]) -> dict[str, Any]:
-    from . import __version__, _comm
+    from .. import __version__, _comm
 
     return {"syncbn_version": __version__, "torch_version": torch.__version__,
             "world_size": world_size, "launcher": launcher,
@@ -351,19 +342,15 @@ def _spawned_rank(rank: int, world_size: int, store_path: str, result_path: str,
                   opts: dict[str, Any]) -> None:
     """Entry point of a spawned rank (top level, so that the spawn start method can import it)."""
     torch.set_num_threads(1)
-    device = torch.device("cpu")
-    if opts["device"] == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    device, backend = place(opts["device"], opts["backend"], rank, world_size)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    with joined(rank, world_size, store_path, opts["backend"], opts["timeout"]):
+    with joined(rank, world_size, store_path, backend, opts["timeout"]):
         rows = _gather_rows(check_rank(rank, world_size, device, opts))
         if rank == 0:
             with open(result_path, "w") as f:
                 json.dump(rows, f)
-    leave()  # done and saved: skip the interpreter's teardown (see _spawn.leave)
-
-
-_Failure = SpawnFailure  # a rank failed or timed out; the message says which and why
+    leave()  # done and saved: skip the interpreter's teardown (see _launch.leave)
 
 
 def _spawn(world_size: int, opts: dict[str, Any]) -> list[dict[str, Any]]:
@@ -373,51 +360,9 @@ def _spawn(world_size: int, opts: dict[str, Any]) -> list[dict[str, Any]]:
                     world_size, opts["timeout"] + 30.0,  # + start-up
                     f"--timeout {opts['timeout']:g} s (+30 s to start)")
         if not os.path.exists(result_path):
-            raise _Failure("rank 0 finished without writing its results")
+            raise SpawnFailure("rank 0 finished without writing its results")
         with open(result_path) as f:
             return json.load(f)  # type: ignore[no-any-return]
-
-
-def _under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"syncbn check: error: {message}", file=sys.stderr)
-    return code
-
-
-def _run_torchrun(opts: dict[str, Any]) -> int:
-    import torch.distributed as dist
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if opts["device"] == "cuda" and gpus == 0:
-        return _fail("--device cuda, but CUDA is not available", 2)
-    use_cuda = opts["device"] == "cuda" or (opts["device"] == "auto" and gpus >= local_world)
-    device = torch.device("cuda", local_rank % gpus) if use_cuda else torch.device("cpu")
-    backend = opts["backend"]
-    if backend == "auto":
-        backend = "nccl" if use_cuda and gpus >= local_world and dist.is_nccl_available() else "gloo"
-    if backend == "nccl" and not use_cuda:
-        return _fail("--backend nccl needs CUDA devices (--device cuda or auto with GPUs)", 2)
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=opts["timeout"]))
-    try:
-        if world == 1 and rank == 0:
-            print("syncbn check: warning: one rank, so nothing is synchronized (syncbn is plain "
-                  "BatchNorm here); start at least 2 ranks", file=sys.stderr)
-        rows = _gather_rows(check_rank(rank, world, device, {**opts, "backend": backend}))
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        print(format_table(rows, _meta(world, "torchrun", opts)), flush=True)
-    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -426,32 +371,35 @@ def run(args: argparse.Namespace) -> int:
 
     opts = _options(args)
     if not dist.is_available():
-        return _fail("torch.distributed is not available in this build of PyTorch", 2)
-    if _under_torchrun():
-        world = int(os.environ["WORLD_SIZE"])
-        if args.world_size is not None and args.world_size != world:
-            return _fail(f"--world-size {args.world_size} but torchrun started {world} ranks; "
-                         "leave --world-size out under torchrun", 2)
-        return _run_torchrun(opts)
+        raise UsageError("torch.distributed is not available in this build of PyTorch")
+    env = torchrun_env()
+    if env is not None:
+        if args.world_size is not None and args.world_size != env.world_size:
+            raise UsageError(f"--world-size {args.world_size}, but torchrun started "
+                             f"{env.world_size} ranks; leave --world-size out under torchrun")
+        device, backend = place(opts["device"], opts["backend"], env.local_rank,
+                                env.local_world_size)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        join_torchrun(env, backend, opts["timeout"])
+        try:
+            if env.world_size == 1:
+                print("syncbn check: warning: one rank, so nothing is synchronized (syncbn is "
+                      "plain BatchNorm here); start at least 2 ranks", file=sys.stderr)
+            rows = _gather_rows(check_rank(env.rank, env.world_size, device,
+                                           {**opts, "backend": backend}))
+        finally:  # also a group the caller made: check's use of it ends the group's life
+            dist.destroy_process_group()
+        if env.rank == 0:
+            print(format_table(rows, _meta(env.world_size, "torchrun", opts)), flush=True)
+        return 0 if all(r["ok"] for r in rows) else 1
     world = args.world_size or 2
     if opts["device"] == "auto":
-        opts["device"] = "cpu"
-    if opts["device"] == "cuda":
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if gpus == 0:
-            return _fail("--device cuda, but CUDA is not available", 2)
-        if opts["backend"] == "auto":
-            opts["backend"] = "nccl" if gpus >= world and dist.is_nccl_available() else "gloo"
-    elif opts["backend"] == "auto":
-        opts["backend"] = "gloo"
-    if opts["backend"] == "nccl" and opts["device"] != "cuda":
-        return _fail("--backend nccl needs --device cuda", 2)
+        opts["device"] = "cpu"  # spawned processes use the CPU unless told otherwise
+    _, opts["backend"] = place(opts["device"], opts["backend"], 0, world)  # checked here
     meta = _meta(world, "spawned", opts)
     print(f"syncbn check: spawning {world} processes ({opts['device']}, {opts['backend']})...",
           file=sys.stderr, flush=True)
-    try:
-        rows = _spawn(world, opts)
-    except _Failure as e:
-        return _fail(str(e), 1)
+    rows = _spawn(world, opts)
     print(format_table(rows, meta), flush=True)
     return 0 if all(r["ok"] for r in rows) else 1

@@ -8,9 +8,10 @@ Commands::
     syncbn bench --shapes 2x64x56x56,64x1024,cl:2x64x56x56 --no-e2e
     SYNCBN_KERNEL=aten syncbn bench   # syncbn on its plain ATen path only
 
-Three sections, each a table on stdout; every number also goes to ``--out/syncbn-bench.json``
-(with torch version, machine, date, threads, the fused kernel's build time and the command
-line). The header line says whether syncbn's fused CPU kernel is used, how long its cold build
+Three sections, each a table on stdout (at most 120 columns: the ratios that matter); every
+number, per rank too, goes to ``--out/syncbn-bench.json`` (with torch version, machine, date,
+threads, the fused kernel's build time and the command line). On a terminal a progress bar counts
+the units of work (a shape at one world size and thread count; an end-to-end contender). The header line says whether syncbn's fused CPU kernel is used, how long its cold build
 takes (measured in a subprocess with an empty cache) and how long this run took to get it.
 
 1. Per layer: forward + backward of one batch-norm layer (ResNet-50-like shapes at small per-rank
@@ -26,12 +27,12 @@ takes (measured in a subprocess with an empty cache) and how long this run took 
      one autograd-aware ``torch.distributed.nn.functional.all_reduce`` of ``[sum, sum_sq, count]``,
      ``(x - mean) * rsqrt(var + eps) * w + b`` with autograd doing the backward (also two
      collectives per forward+backward), running statistics updated under ``no_grad``;
-   * ``aten path``: the same syncbn contender with ``SYNCBN_KERNEL=aten`` (torch operators
+   * ``aten``: the same syncbn contender with ``SYNCBN_KERNEL=aten`` (torch operators
      instead of the fused CPU kernel; includes two ``os.environ`` writes per iteration);
    * ``all_reduce``: one plain ``dist.all_reduce`` of the buffer syncbn sends for that layer
      (``syncbn._comm.buffer_length(C)`` float64): the collective's latency on its own.
 
-   ``in-situ coll``: the median time one syncbn iteration spent inside its two collectives
+   ``coll`` (in-situ collectives): the median time one syncbn iteration spent inside its two collectives
    (``syncbn._comm.collective_seconds``): the latency as the layer meets it, including the wait
    for the slower rank. ``compute`` = median over iterations of (syncbn time - in-situ
    collective time). ``BN+2AR`` = torch BN + 2 x all_reduce, the W >= 2 target for syncbn.
@@ -45,7 +46,7 @@ takes (measured in a subprocess with an empty cache) and how long this run took 
    ResNet-50 every buffer is padded to 2048 channels; section 2 runs a whole network.
 
 2. End to end: one training step (forward, backward, SGD step) of a ResNet-18-style network
-   (BasicBlocks, BatchNorm after every conv, defined here) on ``--e2e-input`` per rank
+   (BasicBlocks, BatchNorm after every conv: ``_bench_models.make_resnet18``) on ``--e2e-input`` per rank
    (default 2x3x64x64; --quick: 2x3x32x32 and half the widths), W=2 ranks under DDP (default
    options, so buffers are broadcast every forward in both contenders), plain BatchNorm vs
    ``syncbn.convert_sync_batchnorm`` on the default group (the one DDP's gradient all-reduces
@@ -87,7 +88,10 @@ from typing import Any, Callable
 
 import torch
 
-from ._spawn import SpawnFailure, joined, leave, run_spawned
+from ._args import UsageError, int_at_least, int_list, number_above, out_dir, shape, shape_list
+from ._bench_models import make_resnet18, textbook_sync_bn
+from ._launch import SpawnFailure, Ticker, joined, leave, place, progress_bar, run_spawned, tick
+from ._table import table
 
 FULL_SHAPES = ("2x64x56x56,2x128x28x28,2x256x14x14,2x512x7x7,2x2048x7x7,"
                "8x64x56x56,8x128x28x28,8x256x14x14,8x512x7x7,8x2048x7x7,64x1024,cl:2x64x56x56")
@@ -99,71 +103,36 @@ EPS, MOMENTUM = 1e-5, 0.1
 # --------------------------------------------------------------------------- options
 
 
-def _parse_shape(text: str) -> dict[str, Any]:
-    layout = "contiguous"
-    spec = text.strip()
-    if spec.startswith("cl:"):
-        layout, spec = "channels_last", spec[3:]
-    try:
-        dims = tuple(int(d) for d in spec.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected NxC or NxCxHxW") from None
-    if len(dims) not in (2, 4) or min(dims) < 1 or (layout == "channels_last" and len(dims) != 4):
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected NxC, NxCxHxW or cl:NxCxHxW")
-    return {"shape": dims, "layout": layout, "name": ("cl:" if layout == "channels_last" else "")
-            + "x".join(map(str, dims))}
-
-
-def _shape_list(text: str) -> list[dict[str, Any]]:
-    return [_parse_shape(s) for s in text.split(",") if s.strip()]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to ``syncbn``'s subparsers; returns its parser."""
     p = subparsers.add_parser(
         "bench", help="time syncbn per layer and end to end against torch BN and a textbook SyncBN",
         description=__doc__.split("\n\n")[0] + " Tables on stdout, all numbers in "
-        "OUT/syncbn-bench.json.", epilog="Exit status: 0 done, 1 a rank failed, 2 bad options.")
+        "OUT/syncbn-bench.json.", epilog="Exit status: 0 done, 1 a rank failed, 2 bad options. "
+        "The manual: python -c 'import syncbn.cli.bench; help(syncbn.cli.bench)'")
     p.add_argument("--quick", action="store_true",
                    help="short run: N=2 shapes, fewer iterations, smaller network (< 1 min on 2 cores)")
-    p.add_argument("--out", type=Path, default=Path("."), help="directory for syncbn-bench.json "
-                   "(default: current directory)")
-    p.add_argument("--threads", type=_int_list, default=[1, 2], metavar="T[,T...]",
+    p.add_argument("--out", default=".", metavar="DIR", help="directory for syncbn-bench.json, "
+                   "created if needed (default: the current directory)")
+    p.add_argument("--threads", type=int_list, default=[1, 2], metavar="T[,T...]",
                    help="torch.set_num_threads in every rank; the per-layer section runs once per "
                    "value, the end-to-end step with the first (default: 1,2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="'auto': CUDA when there is a GPU per rank, else CPU (default: %(default)s)")
-    p.add_argument("--shapes", type=_shape_list, default=None,
+    p.add_argument("--shapes", type=shape_list, default=None,
                    help="per-layer shapes, comma-separated NxCxHxW / NxC / cl:NxCxHxW "
                    "(default: the ResNet-50 set; --quick: its N=2 part)")
-    p.add_argument("--world-sizes", type=_int_list, default=[1, 2], metavar="W[,W...]",
+    p.add_argument("--world-sizes", type=int_list, default=[1, 2], metavar="W[,W...]",
                    help="world sizes of the per-layer section (default: 1,2)")
-    p.add_argument("--iters", type=_positive_int, default=None,
+    p.add_argument("--iters", type=int_at_least(1), default=None,
                    help="timed iterations per contender and shape (default 100; --quick 10)")
-    p.add_argument("--warmup", type=_positive_int, default=None,
+    p.add_argument("--warmup", type=int_at_least(1), default=None,
                    help="warm-up iterations per contender and shape (default 10; --quick 2)")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer section")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end and memory sections")
-    p.add_argument("--e2e-input", type=_parse_shape, default=None, metavar="NxCxHxW",
+    p.add_argument("--e2e-input", type=shape, default=None, metavar="NxCxHxW",
                    help="per-rank input of the end-to-end step (default 2x3x64x64; --quick 2x3x32x32)")
-    p.add_argument("--e2e-steps", type=_positive_int, default=None,
+    p.add_argument("--e2e-steps", type=int_at_least(1), default=None,
                    help="timed training steps per contender (default 30; --quick 5)")
     p.add_argument("--oversubscribe", action="store_true",
                    help="also run the per-layer world sizes whose ranks x threads exceed the CPU "
@@ -172,7 +141,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-pin", action="store_true",
                    help="do not bind each CPU rank to cores of its own (by default a rank gets "
                    "THREADS cores of its own when the machine has enough for every rank)")
-    p.add_argument("--timeout", type=float, default=600.0,
+    p.add_argument("--timeout", type=number_above(0), default=600.0, metavar="SECONDS",
                    help="seconds each launch of ranks may take (default: %(default)s)")
     p.set_defaults(run=run)
     return p
@@ -218,37 +187,16 @@ def _time_rounds(contenders: dict[str, Callable[[], Any]], iters: int, warmup: i
             for k, v in times.items() if v}
 
 
-def textbook_sync_bn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                     running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
-                     momentum: float, group: Any) -> torch.Tensor:
-    """The textbook SyncBN: E[x], E[x^2] via one autograd-aware all_reduce; autograd backward."""
-    import warnings
-
-    import torch.distributed.nn.functional as dnn
-
-    c = x.shape[1]
-    dims = [0] + list(range(2, x.dim()))
-    n = x.numel() // c
-    packed = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), float(n))])
-    with warnings.catch_warnings():  # "deprecated": it is still what such code calls
-        warnings.simplefilter("ignore", FutureWarning)
-        packed = dnn.all_reduce(packed, group=group)
-    count = packed[-1]
-    mean = packed[:c] / count
-    var = packed[c:2 * c] / count - mean * mean
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(var.detach() * count / (count - 1), alpha=momentum)
-    shape = [1, c] + [1] * (x.dim() - 2)
-    return ((x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * weight.view(shape)
-            + bias.view(shape))
-
-
 # --------------------------------------------------------------------------- per layer
 
 
 def _layer_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any]) -> dict:
-    return {"layers": [_layer_row(spec, rank, world, device, opts) for spec in opts["shapes"]]}
+    rows = []
+    for spec in opts["shapes"]:
+        rows.append(_layer_row(spec, rank, world, device, opts))
+        if rank == 0:
+            tick(opts["progress"])
+    return {"layers": rows}
 
 
 def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device,
@@ -335,38 +283,6 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
 # --------------------------------------------------------------------------- end to end
 
 
-def make_resnet18(width: int = 64, num_classes: int = 10) -> torch.nn.Module:
-    """A ResNet-18-style network: 3x3 stem, 4 stages x 2 BasicBlocks, BN after every conv."""
-    nn = torch.nn
-
-    class BasicBlock(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.down = None
-            if stride != 1 or cin != cout:
-                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = torch.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return torch.relu(out + (x if self.down is None else self.down(x)))
-
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
-                               nn.ReLU()]
-    cin = width
-    for i, mult in enumerate((1, 2, 4, 8)):
-        cout = width * mult
-        layers += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -441,10 +357,6 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
 # --------------------------------------------------------------------------- launching
 
 
-class _Failure(Exception):
-    """A rank failed or timed out."""
-
-
 def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: str,
                opts: dict[str, Any]) -> None:
     """Entry point of a spawned rank."""
@@ -453,41 +365,33 @@ def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: s
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) >= world * opts["threads"]:  # each rank on cores of its own
             os.sched_setaffinity(0, cores[rank * opts["threads"]:(rank + 1) * opts["threads"]])
-    device = torch.device("cpu")
-    backend = "gloo"
-    if opts["device"] == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    device, backend = place(opts["device"], "auto", rank, world)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
     with joined(rank, world, store_path, backend, _PG_TIMEOUT_S):
         result = (_layer_rank if task == "layers" else _e2e_rank)(rank, world, device, opts)
         result["backend"] = backend
+        if task == "e2e" and rank == 0:
+            tick(opts["progress"])
         torch.save(result, f"{result_path}.{rank}")
-    leave()  # done and saved: skip the interpreter's teardown (see _spawn.leave)
+    leave()  # done and saved: skip the interpreter's teardown (see _launch.leave)
 
 
-def _launch(world: int, task: str, opts: dict[str, Any]) -> list[dict]:
-    """Run ``task`` on ``world`` spawned ranks; every rank's result."""
+def _launch(world: int, task: str, opts: dict[str, Any], ticker: Ticker) -> list[dict]:
+    """Run ``task`` on ``world`` spawned ranks; every rank's result. Rank 0 ticks ``ticker``'s
+    file once per unit of work (a shape, or an end-to-end contender)."""
     with tempfile.TemporaryDirectory(prefix="syncbn-bench-") as tmpdir:
         result_path = os.path.join(tmpdir, "result")
         try:
-            run_spawned(_rank_main, (world, os.path.join(tmpdir, "store"), result_path, task, opts),
-                        world, opts["timeout"], f"--timeout {opts['timeout']:g} s")
+            run_spawned(_rank_main, (world, os.path.join(tmpdir, "store"), result_path, task,
+                                     {**opts, "progress": ticker.path}),
+                        world, opts["timeout"], f"--timeout {opts['timeout']:g} s", ticker.poll)
         except SpawnFailure as e:
-            raise _Failure(f"{task} on {world} ranks: {e}") from None
+            raise SpawnFailure(f"{task} on {world} ranks: {e}") from None
         return [torch.load(f"{result_path}.{r}", weights_only=False) for r in range(world)]
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
 
 
 def _merge_layer_rows(per_rank: list[dict]) -> list[dict]:
@@ -513,25 +417,20 @@ def _merge_layer_rows(per_rank: list[dict]) -> list[dict]:
 
 
 def layer_table(rows: list[dict]) -> str:
-    header = ["shape", "W", "T", "torch BN ms", "syncbn ms", "syncbn/BN", "compute ms",
-              "compute/BN", "in-situ coll us", "all_reduce us", "BN+2AR ms", "aten path ms",
-              "textbook ms", "textbook/syncbn", "fallback ms", "numbers"]
-    body = []
-    for r in rows:
-        fb = r.get("syncbn_fallback_ms")
-        body.append([r["shape"] + ("" if r["fused"] else " (aten)"), str(r["world_size"]),
-                     str(r["threads"]), f"{r['torch_bn_ms']:.3f}",
-                     f"{r['syncbn_ms']:.3f}", f"{r['syncbn_over_bn']:.2f}",
-                     f"{r['syncbn_compute_ms']:.3f}", f"{r['compute_over_bn']:.2f}",
-                     f"{r['syncbn_collective_ms'] * 1e3:.0f}", f"{r['all_reduce_ms'] * 1e3:.0f}",
-                     f"{r['torch_bn_ms'] + 2 * r['all_reduce_ms']:.3f}",
-                     f"{r['syncbn_aten_ms']:.3f}",
-                     f"{r['textbook_ms']:.3f}", f"{r['textbook_over_syncbn']:.2f}",
-                     "-" if fb is None else f"{fb:.3f}", str(r["buffer_numbers"])])
-    return _table(header, body)
+    """Section 1 as printed; the other numbers of each row are in the JSON."""
+    header = ["shape", "W", "T", "BN ms", "syncbn ms", "syncbn/BN", "compute/BN",
+              "coll us", "AR us", "BN+2AR ms", "aten/BN", "textbook/syncbn"]
+    body = [[r["shape"], str(r["world_size"]), str(r["threads"]), f"{r['torch_bn_ms']:.3f}",
+             f"{r['syncbn_ms']:.3f}", f"{r['syncbn_over_bn']:.2f}",
+             f"{r['compute_over_bn']:.2f}", f"{r['syncbn_collective_ms'] * 1e3:.0f}",
+             f"{r['all_reduce_ms'] * 1e3:.0f}",
+             f"{r['torch_bn_ms'] + 2 * r['all_reduce_ms']:.3f}", f"{r['aten_over_bn']:.2f}",
+             f"{r['textbook_over_syncbn']:.2f}"] for r in rows]
+    return table(header, body)
 
 
 def e2e_tables(e2e: dict[str, Any]) -> tuple[str, str]:
+    """Sections 2 and 3 as printed (per-rank numbers: in the JSON)."""
     bn = e2e["torch_bn"]
     t_bn = max(r["step_median_ms"] for r in bn)
     rows = []
@@ -540,49 +439,55 @@ def e2e_tables(e2e: dict[str, Any]) -> tuple[str, str]:
             continue
         sb = e2e[key]
         t_sb = max(r["step_median_ms"] for r in sb)
-        rows.append([e2e["network"], e2e["input"], str(len(bn)), label,
-                     str(sb[0].get("transport")), f"{t_bn:.1f}",
-                     f"{t_sb:.1f}", f"{t_sb / t_bn:.3f}",
-                     " ".join(f"{r['collective_median_ms']:.1f}" for r in sb),
-                     " ".join(f"{r['step_median_ms']:.1f}" for r in bn),
-                     " ".join(f"{r['step_median_ms']:.1f}" for r in sb)])
-    step = _table(["network", "input/rank", "W", "syncbn's group", "transport", "BN step ms",
-                   "syncbn step ms",
-                   "syncbn/BN", "in collectives ms", "BN per rank ms", "syncbn per rank ms"], rows)
-    sb = e2e["syncbn"]
+        rows.append([label, str(sb[0].get("transport")), f"{t_bn:.1f}", f"{t_sb:.1f}",
+                     f"{t_sb / t_bn:.3f}",
+                     f"{max(r['collective_median_ms'] for r in sb):.1f}"])
+    step = table(["syncbn's group", "transport", "BN step ms", "syncbn step ms", "syncbn/BN",
+                  "in collectives ms"], rows)
     mib = 2**20
     rows = []
-    for r_bn, r_sb in zip(bn, sb):
+    for r_bn, r_sb in zip(bn, e2e["syncbn"]):
         rows.append([str(r_bn["rank"]), f"{r_bn['peak_growth_bytes'] / mib:.1f}",
                      f"{r_sb['peak_growth_bytes'] / mib:.1f}",
                      f"{r_sb['peak_growth_bytes'] / max(r_bn['peak_growth_bytes'], 1):.3f}",
                      f"{r_bn['peak_bytes'] / mib:.1f}", f"{r_sb['peak_bytes'] / mib:.1f}"])
-    mem = _table(["rank", "BN growth MiB", "syncbn growth MiB", "syncbn/BN", "BN peak MiB",
-                  "syncbn peak MiB"], rows)
+    mem = table(["rank", "BN growth MiB", "syncbn growth MiB", "syncbn/BN", "BN peak MiB",
+                 "syncbn peak MiB"], rows)
     return step, mem
 
 
+def _units(args: argparse.Namespace, shapes: int, skip: Callable[[int, int], bool]) -> int:
+    """How many units of work (a shape at one W and T; an end-to-end contender) the run has."""
+    layers = 0 if args.no_layers else shapes * sum(
+        not skip(w, t) for t in args.threads for w in args.world_sizes)
+    return layers + (0 if args.no_e2e else 3)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Run ``syncbn bench`` with parsed ``args``; returns the exit status (see the module doc)."""
     quick = args.quick
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        print("syncbn bench: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    e2e_input = args.e2e_input or _parse_shape("2x3x32x32" if quick else "2x3x64x64")
+        raise UsageError("--device cuda, but CUDA is not available")
+    e2e_input = args.e2e_input or shape("2x3x32x32" if quick else "2x3x64x64")
     if len(e2e_input["shape"]) != 4 or e2e_input["layout"] != "contiguous":
-        print("syncbn bench: --e2e-input must be NxCxHxW", file=sys.stderr)
-        return 2
+        raise UsageError(f"--e2e-input {e2e_input['name']}: expected NxCxHxW")
     opts = {
         "threads": args.threads[0], "device": device, "pin": not args.no_pin,
-        "shapes": args.shapes or _shape_list(QUICK_SHAPES if quick else FULL_SHAPES),
+        "shapes": args.shapes or shape_list(QUICK_SHAPES if quick else FULL_SHAPES),
         "iters": args.iters or (10 if quick else 100), "warmup": args.warmup or (2 if quick else 10),
         "timeout": args.timeout, "e2e_input": e2e_input["shape"],
         "e2e_width": 32 if quick else 64, "e2e_steps": args.e2e_steps or (5 if quick else 30),
     }
-    out_dir = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+    def skipped(world: int, threads: int) -> bool:
+        return device == "cpu" and world * threads > cores and not args.oversubscribe
+
     report: dict[str, Any] = {
         "command": " ".join(["python -m syncbn" if sys.argv[0].endswith("__main__.py")
                              else Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -609,64 +514,87 @@ def run(args: argparse.Namespace) -> int:
           + (f"cold build {k['cold_build_s']:.2f} s; this run {k['this_run']} it in "
              f"{k['this_run_s'] * 1e3:.1f} ms" if k["available"] else f"not used ({k['error']})"),
           flush=True)
-    try:
-        if not args.no_layers:
-            rows: list[dict] = []
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-                os.cpu_count() or 1)
-            for t in args.threads:
-                for world in args.world_sizes:
-                    if device == "cpu" and world * t > cores and not args.oversubscribe:
-                        print(f"per layer, W={world}, {t} thread(s): skipped, {world} x {t} "
-                              f"threads > {cores} cores (--oversubscribe runs it)", flush=True)
-                        report.setdefault("skipped", []).append(
-                            {"world_size": world, "threads": t, "cores": cores})
-                        continue
-                    print(f"per layer, W={world}, {t} thread(s) ...", file=sys.stderr, flush=True)
-                    rows += _merge_layer_rows(_launch(world, "layers", opts | {"threads": t}))
-            report["layers"] = rows
-            print("\n1. Per layer: forward + backward, median ms (slowest rank), T threads per "
-                  "rank;\n   compute = syncbn minus the time spent in its two collectives "
-                  "(in-situ coll),"
-                  "\n   all_reduce = one plain all_reduce of the same buffer; W=1: syncbn = its "
-                  "synchronized Function\n   over a 1-rank group, fallback = the module (plain BN)"
-                  "; aten path = syncbn with SYNCBN_KERNEL=aten")
-            moved = sorted({r["transport"] for r in rows if r["world_size"] > 1})
-            print("   syncbn's collectives at W>1 went through: " + (", ".join(moved) or "-")
-                  + " (shm: shared memory between the ranks of this machine, SYNCBN_SHM)\n")
-            print(layer_table(rows), flush=True)
-        if not args.no_e2e:
-            e2e: dict[str, Any] = {"network": f"resnet18-style width {opts['e2e_width']}",
-                                   "input": "x".join(map(str, opts["e2e_input"])),
-                                   "steps": opts["e2e_steps"], "warmup": opts["warmup"]}
-            for contender in ("torch_bn", "syncbn", "syncbn_own_group"):
-                print(f"end to end, {contender} ...", file=sys.stderr, flush=True)
-                results = _launch(2, "e2e", opts | {"contender": contender})
-                e2e[contender] = [r["e2e"] for r in results]
-            t_bn = max(r["step_median_ms"] for r in e2e["torch_bn"])
-            t_sb = max(r["step_median_ms"] for r in e2e["syncbn"])
-            e2e["step_ratio"] = t_sb / t_bn
-            e2e["own_group_step_ratio"] = max(
-                r["step_median_ms"] for r in e2e["syncbn_own_group"]) / t_bn
-            e2e["memory_ratio_per_rank"] = [
-                s["peak_growth_bytes"] / max(b["peak_growth_bytes"], 1)
-                for b, s in zip(e2e["torch_bn"], e2e["syncbn"])]
-            report["e2e"] = e2e
-            step, mem = e2e_tables(e2e)
-            print("\n2. End to end: training step (forward, backward, SGD), DDP, median ms per "
-                  "rank\n")
-            print(step)
-            method = e2e["syncbn"][0]["method"]
-            print(f"\n3. Memory per rank over the steps ({method})\n")
-            print(mem, flush=True)
-    except _Failure as e:
-        print(f"syncbn bench: {e}", file=sys.stderr)
-        return 1
+    bar = progress_bar(_units(args, len(opts["shapes"]), skipped), "syncbn bench", "unit")
+    with tempfile.TemporaryDirectory(prefix="syncbn-bench-progress-") as tmp:
+        ticker = Ticker(os.path.join(tmp, "done"), bar)
+
+        def launch(world: int, task: str, what: str, extra: dict[str, Any]) -> list[dict]:
+            if bar is None:
+                print(f"{what} ...", file=sys.stderr, flush=True)
+            else:
+                bar.set_postfix_str(what)
+            return _launch(world, task, opts | extra, ticker)
+
+        try:
+            if not args.no_layers:
+                _layers(args, opts, report, launch, skipped, cores)
+            if not args.no_e2e:
+                _end_to_end(opts, report, launch)
+        finally:
+            if bar is not None:
+                bar.close()
     report["wall_s"] = time.monotonic() - t_start
-    path = out_dir / "syncbn-bench.json"
+    path = out / "syncbn-bench.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
     return 0
+
+
+def _layers(args: argparse.Namespace, opts: dict[str, Any], report: dict[str, Any],
+            launch: Callable[..., list[dict]], skipped: Callable[[int, int], bool],
+            cores: int) -> None:
+    """Section 1: every world size x thread count, then its table."""
+    rows: list[dict] = []
+    for t in args.threads:
+        for world in args.world_sizes:
+            if skipped(world, t):
+                print(f"per layer, W={world}, {t} thread(s): skipped, {world} x {t} "
+                      f"threads > {cores} cores (--oversubscribe runs it)", flush=True)
+                report.setdefault("skipped", []).append(
+                    {"world_size": world, "threads": t, "cores": cores})
+                continue
+            rows += _merge_layer_rows(launch(world, "layers", f"per layer, W={world}, T={t}",
+                                             {"threads": t}))
+    report["layers"] = rows
+    print("\n1. Per layer: forward + backward, median ms (slowest rank), T threads per rank;\n"
+          "   compute = syncbn minus its time in its two collectives (coll); AR = one plain\n"
+          "   all_reduce of the same buffer; BN+2AR = torch BN + 2 AR, the target at W>1;\n"
+          "   W=1: syncbn = its synchronized Function over a 1-rank group (the module falls\n"
+          "   back to plain BN: fallback_ms in the JSON); aten = syncbn with SYNCBN_KERNEL=aten")
+    moved = sorted({r["transport"] for r in rows if r["world_size"] > 1})
+    print("   syncbn's collectives at W>1 went through: " + (", ".join(moved) or "-")
+          + " (shm: shared memory between the ranks of this machine, SYNCBN_SHM)")
+    aten = sorted({r["shape"] for r in rows if not r["fused"]})
+    if aten:
+        print("   on syncbn's ATen path (no fused kernel): " + ", ".join(aten))
+    print()
+    print(layer_table(rows), flush=True)
+
+
+def _end_to_end(opts: dict[str, Any], report: dict[str, Any],
+                launch: Callable[..., list[dict]]) -> None:
+    """Sections 2 and 3: each contender in fresh ranks, then the two tables."""
+    e2e: dict[str, Any] = {"network": f"resnet18-style width {opts['e2e_width']}",
+                           "input": "x".join(map(str, opts["e2e_input"])),
+                           "steps": opts["e2e_steps"], "warmup": opts["warmup"]}
+    for contender in ("torch_bn", "syncbn", "syncbn_own_group"):
+        results = launch(2, "e2e", f"end to end, {contender}", {"contender": contender})
+        e2e[contender] = [r["e2e"] for r in results]
+    t_bn = max(r["step_median_ms"] for r in e2e["torch_bn"])
+    e2e["step_ratio"] = max(r["step_median_ms"] for r in e2e["syncbn"]) / t_bn
+    e2e["own_group_step_ratio"] = max(
+        r["step_median_ms"] for r in e2e["syncbn_own_group"]) / t_bn
+    e2e["memory_ratio_per_rank"] = [
+        s["peak_growth_bytes"] / max(b["peak_growth_bytes"], 1)
+        for b, s in zip(e2e["torch_bn"], e2e["syncbn"])]
+    report["e2e"] = e2e
+    step, mem = e2e_tables(e2e)
+    print(f"\n2. End to end: training step (forward, backward, SGD) of a {e2e['network']} on "
+          f"{e2e['input']} per rank,\n   DDP on 2 ranks, median ms (slowest rank); syncbn "
+          "on DDP's group or on a group of its own\n")
+    print(step)
+    print(f"\n3. Memory per rank over the steps ({e2e['syncbn'][0]['method']})\n")
+    print(mem, flush=True)
 
 
 _ALLOCATOR_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
@@ -705,12 +633,3 @@ def _kernel_report(device: str) -> dict[str, Any]:
     else:
         info["error"] = _kernel.build_info()["error"] or proc.stderr.strip()[-300:]
     return info
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``syncbn bench`` as a standalone program (``benchmarks/bench.py``)."""
-    parser = argparse.ArgumentParser(prog="bench")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.run(args) or 0)
