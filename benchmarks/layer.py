@@ -87,7 +87,8 @@ def main() -> None:
             bn = (torch.nn.BatchNorm2d(c) if x.dim() == 4 else torch.nn.BatchNorm1d(c)).to(DEVICE)
             w, b = bn.weight, bn.bias
             rm, rv = bn.running_mean.clone(), bn.running_var.clone()
-            tag = syncbn._comm.LayerTag.for_layer("bench", 0, "bench")
+            layer = syncbn._function.layer_id(syncbn._wire.LayerTag.for_layer("bench", 0, "bench"))
+            gid = syncbn._function.group_id(group)
 
             def plain():
                 bn(x).backward(dy)
@@ -96,7 +97,7 @@ def main() -> None:
                 TorchSyncBNFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, group, 1).backward(dy)
 
             def ours():
-                SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, group, tag).backward(dy)
+                SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, gid, layer)[0].backward(dy)
 
             t_plain, t_ours = timed(plain), timed(ours)
             # torch.nn.SyncBatchNorm refuses CPU tensors
@@ -109,11 +110,11 @@ def main() -> None:
     # No host synchronization in syncbn's forward.
     x = torch.randn(8, 64, 28, 28, device="cuda", requires_grad=True)
     bn = torch.nn.BatchNorm2d(64).cuda()
-    SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, group, tag)
+    SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, gid, layer)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, group, tag)
+        SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, gid, layer)
         print("forward host sync: none (torch.cuda.set_sync_debug_mode('error') passed)")
     except RuntimeError as e:
         print(f"forward host sync: YES: {e}")

@@ -30,7 +30,7 @@ takes (measured in a subprocess with an empty cache) and how long this run took 
    * ``aten``: the same syncbn contender with ``SYNCBN_KERNEL=aten`` (torch operators
      instead of the fused CPU kernel; includes two ``os.environ`` writes per iteration);
    * ``all_reduce``: one plain ``dist.all_reduce`` of the buffer syncbn sends for that layer
-     (``syncbn._comm.buffer_length(C)`` float64): the collective's latency on its own.
+     (``syncbn._wire.length(...)`` float64): the collective's latency on its own.
 
    ``coll`` (in-situ collectives): the median time one syncbn iteration spent inside its two collectives
    (``syncbn._comm.collective_seconds``): the latency as the layer meets it, including the wait
@@ -205,13 +205,12 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     import torch.distributed as dist
 
     import syncbn
-    from syncbn import _comm, _kernel
+    from syncbn import _comm, _function, _kernel, _settings, _wire
     from syncbn._function import SyncBatchNormFunction
 
     group = dist.group.WORLD
     barrier = (lambda: dist.barrier()) if world > 1 else (lambda: None)
     shape, c = spec["shape"], spec["shape"][1]
-    _comm._widest = _comm._MIN_WIDTH  # this layer alone: no padding to an earlier, wider one
     torch.manual_seed(rank)
     x = torch.randn(shape, device=device)
     if spec["layout"] == "channels_last":
@@ -225,8 +224,10 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     tb_b = torch.nn.Parameter(torch.zeros(c, device=device))
     tb_rm, tb_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     f_rm, f_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-    tag = _comm.LayerTag.for_layer(f"bench.{spec['name']}", 0, f"bench layer {spec['name']}")
-    buf = torch.zeros(_comm.buffer_length(c), dtype=torch.float64, device=device)
+    layer = _function.layer_id(
+        _wire.LayerTag.for_layer(f"bench.{spec['name']}", 0, f"bench layer {spec['name']}"))
+    group_id = _function.group_id(group)
+    buf = torch.zeros(_wire.length(_wire.width_for(c)), dtype=torch.float64, device=device)
 
     def torch_bn() -> None:
         x.grad = None
@@ -239,17 +240,19 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     def syncbn_function() -> None:
         x.grad = None
         SyncBatchNormFunction.apply(x, sbn.weight, sbn.bias, f_rm, f_rv, EPS, MOMENTUM,
-                                    group, tag).backward(dy)
+                                    group_id, layer)[0].backward(dy)
 
     kernel = os.environ.get("SYNCBN_KERNEL", "auto") or "auto"
 
     def on_aten_path(fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             os.environ["SYNCBN_KERNEL"] = "aten"
+            _settings.reload()
             try:
                 fn()
             finally:
                 os.environ["SYNCBN_KERNEL"] = kernel
+                _settings.reload()
         return run
 
     def textbook() -> None:

@@ -222,7 +222,8 @@ def check_rank(rank: int, world_size: int, device: torch.device, opts: dict[str,
     running = torch.cat([layer.running_mean, layer.running_var]).double().cpu().tolist()
 
     # Timing: the forward collective alone, then one layer's forward + backward.
-    buffer = torch.zeros(syncbn._comm.buffer_length(c), dtype=torch.float64, device=device)
+    buffer = torch.zeros(syncbn._wire.length(syncbn._wire.width_for(c)), dtype=torch.float64,
+                         device=device)
     times = []
     for i in range(_WARMUP + opts["iters"]):
         _sync(device)
@@ -327,12 +328,12 @@ def _short_host(host: str) -> str:
 
 
 def _meta(world_size: int, launcher: str, opts: dict[str, Any]) -> dict[str, Any]:
-    from .. import __version__, _comm
+    from .. import __version__, _wire
 
     return {"syncbn_version": __version__, "torch_version": torch.__version__,
             "world_size": world_size, "launcher": launcher,
             "sizes": shard_sizes(world_size, opts["batch"]),
-            "buffer": _comm.buffer_length(opts["channels"]), **opts}
+            "buffer": _wire.length(_wire.width_for(opts["channels"])), **opts}
 
 
 # --------------------------------------------------------------------------- launching
