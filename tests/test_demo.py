@@ -1,7 +1,8 @@
 """``syncbn demo`` end to end (short runs, W=2) and its parts: options, data readers, the check.
 
-The property behind the end-to-end runs: ``syncbn`` on 2 ranks x b images trains the same model,
-step for step, as ``single`` on 1 process x 2b images (float64: every step's loss within 1e-8),
+The property behind the end-to-end runs: ``syncbn`` on 2 ranks x b images, and ``dataparallel``
+(``syncbn.DataParallel``, 2 replicas x b in one process), train the same model, step for step, as
+``single`` on 1 process x 2b images (float64: every step's loss within 1e-8),
 while ``local-bn`` (plain BN on 2 x b) does not; and the PNG and JSON reports are written.
 """
 
@@ -47,17 +48,21 @@ def _check_outputs(out: Path, steps: int, world: int, batch: int) -> dict:
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 10_000
     report = json.loads((out / "syncbn-demo.json").read_text())
-    assert set(report["configs"]) == {"syncbn", "local-bn", "single"}
+    assert set(report["configs"]) == {"syncbn", "dataparallel", "local-bn", "single"}
     assert report["world_size"] == world and report["batch_per_rank"] == batch
     assert report["global_batch"] == world * batch and report["steps"] == steps
     for name, c in report["configs"].items():
         assert len(c["loss_per_step"]) == steps, name
         assert 0 <= c["test_accuracy"] <= 1 and c["wall_time_s"] > 0
         assert c["test_accuracy_curve"][-1]["step"] == steps
-        assert (c["ranks"], c["batch_per_rank"]) == ((1, world * batch) if name == "single"
+        assert (c["ranks"], c["batch_per_rank"]) == ((1, world * batch)
+                                                     if name in ("single", "dataparallel")
                                                      else (world, batch))
+    dp = report["configs"]["dataparallel"]
+    assert (dp["replicas"], dp["batch_per_replica"]) == (world, batch)
     ex = report["exactness"]
-    for key in ("passed", "tolerance", "syncbn_vs_single", "local_bn_vs_single"):
+    for key in ("passed", "tolerance", "syncbn_vs_single", "dataparallel_vs_single",
+                "local_bn_vs_single"):
         assert key in ex
     assert ex["tolerance"]["why"]
     assert report["outputs"] == {"png": str(png.resolve()),
@@ -83,6 +88,11 @@ def test_short_demo_float32_is_exact_and_writes_outputs(tmp_path, capfd):
     assert diff == pytest.approx(ex["syncbn_vs_single"]["max_abs_loss_diff"])
     assert diff <= demo.TOLERANCES["float32"]["loss"]
     assert ex["syncbn_vs_single"]["max_param_diff"] <= demo.TOLERANCES["float32"]["param"]
+    # One process, 2 replicas through syncbn.DataParallel: the same model too.
+    dp_diff = _max_step_diff(report, "dataparallel", "single")
+    assert dp_diff == pytest.approx(ex["dataparallel_vs_single"]["max_abs_loss_diff"])
+    assert dp_diff <= demo.TOLERANCES["float32"]["loss"] and ex["failed"] == []
+    assert ex["dataparallel_vs_single"]["max_param_diff"] <= demo.TOLERANCES["float32"]["param"]
     # Plain BN on 2 x 2 is a different computation from the first step on.
     tol = demo.TOLERANCES["float32"]
     assert ex["local_bn_vs_single"]["first_step_loss_diff"] > 10 * tol["loss"]
@@ -90,21 +100,27 @@ def test_short_demo_float32_is_exact_and_writes_outputs(tmp_path, capfd):
     # The table (the JSON's numbers), the verdict and where the files went (stdout); one line
     # per configuration (stderr).
     rows = {r["configuration"]: r for r in read_table(out, "configuration")}
-    assert list(rows) == ["syncbn", "local-bn", "single"]
+    assert list(rows) == ["syncbn", "dataparallel", "local-bn", "single"]
+    shapes = {"syncbn": "2 x 2", "dataparallel": "1 x 2 replicas x 2", "local-bn": "2 x 2",
+              "single": "1 x 4"}
     for name, row in rows.items():
         c = report["configs"][name]
-        assert row["ranks x batch"] == ("1 x 4" if name == "single" else "2 x 2")
+        assert row["ranks x batch"] == shapes[name]
         assert row["test acc"] == f"{100 * c['test_accuracy']:.2f} %"
         assert row["train loss"] == f"{c['final_train_loss']:.4f}"
     worst = ex["syncbn_vs_single"]["max_abs_loss_diff"]
     assert rows["syncbn"]["max|dloss| vs single"] == f"{worst:.2e}"
+    dp_worst = ex["dataparallel_vs_single"]
+    assert rows["dataparallel"]["max|dloss| vs single"] == f"{dp_worst['max_abs_loss_diff']:.2e}"
+    assert rows["dataparallel"]["param diff vs single"] == f"{dp_worst['max_param_diff']:.2e}"
     assert rows["single"]["param diff vs single"] == "(reference)"
-    assert "exactness (float32): PASS: " in out
+    assert "exactness (float32): PASS: " in out and "; dataparallel (1" in out
     summary = out[out.index("exactness (float32)"):out.index("\nwrote ")]
     assert max(len(line) for line in summary.splitlines()) <= 120, summary
     assert str((tmp_path / "out" / "syncbn-demo.png").resolve()) in out
     for line in ("syncbn     2 x 2: 40 steps", "local-bn   2 x 2: 40 steps",
-                 "single     1 x 4: 40 steps", "single-rev 1 x 4: 40 steps"):
+                 "single     1 x 4: 40 steps", "single-rev 1 x 4: 40 steps",
+                 "dataparallel 1 x 2 replicas x 2: 40 steps"):
         assert line in err
 
 
@@ -117,6 +133,8 @@ def test_short_demo_float64_every_step_within_1e_8(tmp_path, capsys):
     assert report["dtype"] == "float64" and report["exactness"]["passed"]
     assert _max_step_diff(report, "syncbn", "single") < 1e-8
     assert report["exactness"]["syncbn_vs_single"]["max_param_diff"] < 1e-6
+    assert _max_step_diff(report, "dataparallel", "single") < 1e-8
+    assert report["exactness"]["dataparallel_vs_single"]["max_param_diff"] < 1e-6
     assert _max_step_diff(report, "local-bn", "single") > 1e-3
 
 
@@ -192,6 +210,7 @@ def test_demo_reads_data_dir_and_runs_one_image_per_rank(tmp_path, capsys):
     assert "plain BatchNorm1d cannot train" in report["configs"]["local-bn"]["skipped"]
     assert report["exactness"]["local_bn_vs_single"] is None and report["exactness"]["passed"]
     assert len(report["configs"]["syncbn"]["loss_per_step"]) == report["steps"]
+    assert len(report["configs"]["dataparallel"]["loss_per_step"]) == report["steps"]
     assert "local-bn not run" in out
 
 
@@ -253,9 +272,11 @@ def test_bad_option_from_the_command_line(tmp_path):
 
 
 def _fake_results(steps: int = 12, bump_at: int | None = None, bump: float = 0.0,
-                  param_diff: float = 1e-7, noise: list[float] | None = None) -> dict:
-    """Results as the ranks return them: single, syncbn = single + bump at one step, local-bn
-    off by 0.05 everywhere, and (if ``noise``) single-rev = single + noise per step."""
+                  param_diff: float = 1e-7, noise: list[float] | None = None,
+                  bumped: str = "syncbn") -> dict:
+    """Results as the ranks return them: single, ``bumped`` (syncbn or dataparallel) = single +
+    bump at one step and the other of the two = single, local-bn off by 0.05 everywhere, and (if
+    ``noise``) single-rev = single + noise per step."""
     losses = [2.3 / (1 + s) for s in range(steps)]
     state = {"w": torch.linspace(-1, 1, 5, dtype=torch.float64)}
     sync_losses = [x + (bump if s == bump_at else 0.0) for s, x in enumerate(losses)]
@@ -265,9 +286,11 @@ def _fake_results(steps: int = 12, bump_at: int | None = None, bump: float = 0.0
         return {"losses": ls, "evals": evals, "wall_time_s": 1.0, "state": st, "steps": steps,
                 "steps_per_epoch": steps}
 
-    out = {"syncbn": one(sync_losses, {"w": state["w"] + param_diff}),
-           "local-bn": one([x + 0.05 for x in losses], {"w": state["w"] + 0.3}),
-           "single": one(losses, state)}
+    exact = {"w": state["w"] + 1e-7}
+    out = {name: one(sync_losses, {"w": state["w"] + param_diff}) if name == bumped
+           else one(list(losses), exact) for name in ("syncbn", "dataparallel")}
+    out |= {"local-bn": one([x + 0.05 for x in losses], {"w": state["w"] + 0.3}),
+            "single": one(losses, state)}
     if noise is not None:
         out["single-rev"] = one([x + n for x, n in zip(losses, noise)], {"w": state["w"] + 1e-3})
     return out
@@ -320,6 +343,38 @@ def test_failed_check_exits_1_and_still_writes_the_reports(tmp_path, capsys):
     report = json.loads((tmp_path / "syncbn-demo.json").read_text())
     assert report["exactness"]["passed"] is False
     assert (tmp_path / "syncbn-demo.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_check_exactness_holds_dataparallel_to_the_same_rule():
+    ok = _demo_report.check_exactness(_fake_results(bump_at=3, bump=5e-4, bumped="dataparallel"),
+                                      "float32")
+    assert ok["passed"] and ok["compared"] == ["syncbn", "dataparallel", "single"]
+    assert ok["dataparallel_vs_single"]["max_abs_loss_diff"] == pytest.approx(5e-4)
+    noise = [0.0] * 6 + [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    late = _fake_results(bump_at=10, bump=0.5, noise=noise, bumped="dataparallel")
+    assert _demo_report.check_exactness(late, "float32")["passed"]  # 0.5 <= 100 x 1e-2
+    bad = _demo_report.check_exactness(
+        _fake_results(bump_at=4, bump=2e-3, param_diff=0.05, bumped="dataparallel"), "float32")
+    assert not bad["passed"] and bad["failed"] == ["dataparallel"]
+    assert bad["first_failing_step"] == 4
+    assert bad["message"] == ("dataparallel: the global-batch loss differs by 0.002 at step 4 "
+                              "(allowed there: 0.001; 1 step(s) over); the final 'w' differs by "
+                              "0.05 (allowed: 0.01)")
+
+
+@pytest.mark.timeout(60)
+def test_failed_dataparallel_check_exits_1(tmp_path, capsys):
+    _need("matplotlib")
+    meta = {"world_size": 2, "launcher": "spawn", "backend": "gloo", "device": "cpu",
+            "data": {"source": "fake", "n_train": 96, "n_test": 10, "image_size": [28, 28]}}
+    opts = {"batch_per_rank": 4, "epochs": 1, "max_steps": None, "seed": 0, "lr": 0.02,
+            "momentum": 0.9, "dtype": "float64"}
+    results = _fake_results(bump_at=2, bump=1e-6, bumped="dataparallel")
+    assert _demo_report.write_report(results, meta, opts, tmp_path, 0.0) == 1
+    out, err = capsys.readouterr()
+    assert "EXACTNESS CHECK FAILED (float64): dataparallel (1 x 2 replicas x 4) does not " in err
+    assert "syncbn (" not in err and "step 2" in err
+    assert read_table(out, "configuration")[1]["max|dloss| vs single"] == "1.00e-06"
 
 
 class _Terminal(io.StringIO):

