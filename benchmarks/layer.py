@@ -87,7 +87,8 @@ def main() -> None:
             bn = (torch.nn.BatchNorm2d(c) if x.dim() == 4 else torch.nn.BatchNorm1d(c)).to(DEVICE)
             w, b = bn.weight, bn.bias
             rm, rv = bn.running_mean.clone(), bn.running_var.clone()
-            layer = syncbn._function.layer_id(syncbn._wire.LayerTag.for_layer("bench", 0, "bench"))
+            tag = syncbn._wire.LayerTag.for_layer("bench", 0, "bench")
+            layer = syncbn._function.layer_id(tag)
             gid = syncbn._function.group_id(group)
 
             def plain():

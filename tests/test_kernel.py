@@ -103,7 +103,8 @@ def _copy(t, grad=False):
 def _sync(x, dy, weight, bias, rmean, rvar, eps=1e-5, momentum=0.1) -> dict[str, Any]:
     """One forward/backward of the synchronized Function (path from SYNCBN_KERNEL, read now)."""
     _settings.reload()
-    layer = _function.layer_id(_wire.LayerTag.for_layer("test_kernel", 0, "SyncBatchNorm(test_kernel)"))
+    tag = _wire.LayerTag.for_layer("test_kernel", 0, "SyncBatchNorm(test_kernel)")
+    layer = _function.layer_id(tag)
     xl, wl, bl = (_copy(t, grad=True) for t in (x, weight, bias))
     rm, rv = _copy(rmean), _copy(rvar)
     y, _ = _function.SyncBatchNormFunction.apply(xl, wl, bl, rm, rv, eps, momentum, 0, layer)
@@ -398,7 +399,8 @@ _CHILD = textwrap.dedent("""
         warnings.simplefilter("always")
         for step in range(2):  # the second pass must not warn again
             xl = x.clone().requires_grad_()
-            layer = _function.layer_id(_wire.LayerTag.for_layer("child", 0, "SyncBatchNorm(child)"))
+            tag = _wire.LayerTag.for_layer("child", 0, "SyncBatchNorm(child)")
+            layer = _function.layer_id(tag)
             y, _ = _function.SyncBatchNormFunction.apply(xl, None, None, None, None, 1e-5, 0.1,
                                                          0, layer)
             y.backward(dy)

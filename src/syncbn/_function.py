@@ -26,6 +26,7 @@ them.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -37,9 +38,10 @@ from . import _backend_c, _backend_torch, _comm, _settings, _stats, _wire
 __all__ = ["SyncBatchNormFunction", "backend_for", "backward_pass", "forward_pass",
            "group_id", "layer_id"]
 
-# Layers and groups as registered ops take them: integers (an op cannot take Python objects).
-_groups: dict[int, Any] = {0: None}  # 0: the default group
-_tags: dict[int, _wire.LayerTag] = {}
+# Layers and groups as registered ops take them: integers (an op cannot take Python objects),
+# held weakly: a layer holds its tag, and the caller its group, while a pass runs.
+_groups: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_tags: weakref.WeakValueDictionary[int, _wire.LayerTag] = weakref.WeakValueDictionary()
 
 
 def group_id(process_group: Any | None) -> int:
@@ -47,12 +49,17 @@ def group_id(process_group: Any | None) -> int:
     if process_group is None:
         return 0
     key = id(process_group)
-    _groups.setdefault(key, process_group)
+    if key not in _groups:
+        _groups[key] = process_group
     return key
 
 
+def _group(key: int) -> Any | None:
+    return None if key == 0 else _groups[key]
+
+
 def layer_id(tag: _wire.LayerTag) -> int:
-    """The integer a registered op takes for a layer's tag (kept alive here)."""
+    """The integer a registered op takes for a layer's tag (which the caller keeps alive)."""
     key = id(tag)
     _tags[key] = tag
     return key
@@ -80,6 +87,8 @@ def backend_for(input: Tensor, *params: Tensor | None) -> Any:
 
 def _like(grad_output: Tensor, input: Tensor) -> Tensor:
     """``grad_output`` in the input's dtype and memory layout (what the backends read)."""
+    if grad_output.dtype == input.dtype and grad_output.stride() == input.stride():
+        return grad_output  # the usual case: autograd hands back the output's layout
     if input.is_contiguous():
         layout = torch.contiguous_format
     elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
@@ -95,12 +104,13 @@ def _like(grad_output: Tensor, input: Tensor) -> Tensor:
 
 def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
                  running_mean: Tensor | None, running_var: Tensor | None, eps: float,
-                 momentum: float, process_group: Any | None,
-                 tag: _wire.LayerTag) -> tuple[Tensor, Tensor]:
+                 momentum: float, process_group: Any | None, tag: _wire.LayerTag,
+                 backend: Any = None) -> tuple[Tensor, Tensor]:
     """Normalize ``input`` with the global batch statistics; ``(out, stats)``. Running
     statistics (when given) are updated in place from the reduced buffer, identically on every
     rank. Every rank must call it, in the same order as the others, even with an empty shard."""
-    backend = backend_for(input, weight, bias, running_mean, running_var)
+    if backend is None:
+        backend = backend_for(input, weight, bias, running_mean, running_var)
     channels = input.shape[1]
     size = _comm.buffer_length(process_group, channels, tag, input.device)
     tag.forward += 1
@@ -148,12 +158,14 @@ def _status_word(input: Tensor) -> Tensor | None:
 
 def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, stats: Tensor,
                   process_group: Any | None, tag: _wire.LayerTag, need_input: bool,
-                  weight_dtype: torch.dtype | None,
-                  bias_dtype: torch.dtype | None) -> tuple[Tensor | None, ...]:
+                  weight_dtype: torch.dtype | None, bias_dtype: torch.dtype | None,
+                  backend: Any = None) -> tuple[Tensor | None, ...]:
     """``(grad_input, grad_weight, grad_bias)``; the weight/bias gradients are this rank's
     share (DDP, or the user, sums them over ranks). The collective runs only when the input
-    needs a gradient: decided by the model's structure, the same on every rank."""
-    backend = backend_for(input, weight, None, None, None)
+    needs a gradient: decided by the model's structure, the same on every rank. ``backend``:
+    the forward's (eagerly known), else chosen again."""
+    if backend is None:
+        backend = backend_for(input, weight, None, None, None)
     dy = _like(grad_output, input)
     buffer, fields = None, None
     channels = input.shape[1]
@@ -204,16 +216,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float,
         group: int, layer: int,
     ) -> tuple[Tensor, Tensor]:
+        backend = None
         if _comm.compiling():
             out, stats = torch.ops.syncbn.forward(input, weight, bias, running_mean, running_var,
                                                   eps, momentum, group, layer)
         else:
+            backend = backend_for(input, weight, bias, running_mean, running_var)
             out, stats = forward_pass(input, weight, bias, running_mean, running_var, eps,
-                                      momentum, _groups[group], _tags[layer])
+                                      momentum, _group(group), _tags[layer], backend)
         ctx.mark_non_differentiable(stats)
         ctx.save_for_backward(input, weight, stats)
         ctx.group, ctx.layer = group, layer
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.backend = backend  # eager: the backward takes the forward's backend
         return out, stats
 
     @staticmethod
@@ -230,8 +245,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grads = (gi if need_input else None, gw if need_weight else None,
                      gb if need_bias else None)
         else:
-            grads = backward_pass(grad_output, input, weight, stats, _groups[ctx.group],
-                                  _tags[ctx.layer], need_input, weight_dtype, bias_dtype)
+            grads = backward_pass(grad_output, input, weight, stats, _group(ctx.group),
+                                  _tags[ctx.layer], need_input, weight_dtype, bias_dtype,
+                                  ctx.backend)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -242,7 +258,7 @@ def _forward_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 momentum: float, group: int, layer: int) -> tuple[Tensor, Tensor]:
     """The forward pass as an opaque op: ``(out, stats)``; running statistics mutated."""
     return forward_pass(input, weight, bias, running_mean, running_var, eps, momentum,
-                        _groups[group], _tags[layer])
+                        _group(group), _tags[layer])
 
 
 @_forward_op.register_fake
@@ -256,7 +272,7 @@ def _backward_op(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], s
                  group: int, layer: int, need_input: bool, need_weight: bool, need_bias: bool,
                  bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """The backward pass as an opaque op; a gradient not needed comes back empty."""
-    gi, gw, gb = backward_pass(grad_output, input, weight, stats, _groups[group], _tags[layer],
+    gi, gw, gb = backward_pass(grad_output, input, weight, stats, _group(group), _tags[layer],
                                need_input, weight.dtype if need_weight and weight is not None
                                else None, bias_dtype if need_bias else None)
     empty = input.new_empty(0)

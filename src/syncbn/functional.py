@@ -96,6 +96,6 @@ def sync_batch_norm(
     return out  # type: ignore[no-any-return]
 
 
-_FUNCTIONAL_LAYER = _function.layer_id(
-    _wire.LayerTag.for_layer("syncbn.functional.sync_batch_norm", 0, "sync_batch_norm"))
+_FUNCTIONAL_TAG = _wire.LayerTag.for_layer("syncbn.functional.sync_batch_norm", 0, "sync_batch_norm")
+_FUNCTIONAL_LAYER = _function.layer_id(_FUNCTIONAL_TAG)
 

@@ -224,8 +224,8 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     tb_b = torch.nn.Parameter(torch.zeros(c, device=device))
     tb_rm, tb_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     f_rm, f_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-    layer = _function.layer_id(
-        _wire.LayerTag.for_layer(f"bench.{spec['name']}", 0, f"bench layer {spec['name']}"))
+    tag = _wire.LayerTag.for_layer(f"bench.{spec['name']}", 0, f"bench layer {spec['name']}")
+    layer = _function.layer_id(tag)  # (the tag must stay alive: the id refers to it weakly)
     group_id = _function.group_id(group)
     buf = torch.zeros(_wire.length(_wire.width_for(c)), dtype=torch.float64, device=device)
 
