@@ -417,6 +417,15 @@ def misuse(rank: int, world_size: int, cfg: dict[str, Any]) -> str:
         elif scenario == "steps":  # rank 0 runs one step more than rank 1
             for _ in range(3 if rank == 0 else 2):
                 model(torch.randn(3, widths[0])).sum().backward()
+        elif scenario == "pass-spread":  # rank r has run r + 1 steps: passes #2, #3, #4 meet
+            # Consistent ranks cannot get here through the collective itself (passes pair up in
+            # call order and each is checked; a layer also synchronized over subgroups fails there
+            # first): the counters diverge outside this group (a rank rebuilt its model, caught an
+            # error, trained in a subgroup). Set them as if rank r had run r + 1 forward passes.
+            # Rank 1's pass number is then the mean (2 + 3 + 4 == 3 * 3): the sums of the header
+            # agree on it, only the sums of squares catch it. Every rank must raise, none wait.
+            model[0]._tag.forward = rank + 1
+            model(x).sum().backward()
         elif scenario == "stall":  # after a step, rank 1 stays away (alive) past the timeout
             model(x).sum().backward()
             if rank == 1:
