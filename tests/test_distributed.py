@@ -264,6 +264,19 @@ def test_three_ranks_at_symmetric_passes_all_get_the_out_of_step_error(tmp_path,
         assert "the ranks ran different numbers of steps" in e, e
 
 
+def test_revert_mid_training_copy_keeps_sync_and_in_place_warns_once(tmp_path):
+    for result in harness.run(workers.revert_mid_training, 2, tmp_path):
+        assert result["on_copy"] == [], result
+        assert result["kept"] == ["SyncBatchNorm1d"] * 2, result
+        assert result["exported"] == result["reverted"] == ["BatchNorm1d"] * 2, result
+        assert len(result["in_place"]) == 1, result
+        category, message = result["in_place"][0]
+        assert category == "UserWarning", result
+        assert "changes the module in place" in message, message
+        assert "a live DistributedDataParallel wraps" in message, message
+        assert "revert_sync_batchnorm(copy.deepcopy(model.module))" in message, message
+
+
 def test_debug_mode_shows_every_ranks_view(tmp_path):
     errors = _misuse(tmp_path, "skip", debug=True)
     for e in errors:

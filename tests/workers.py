@@ -544,3 +544,40 @@ def large_mean_gradients(rank: int, world_size: int, cfg: dict[str, Any]) -> dic
     theirs = (torch_dx.double() - ref["dx"][rank]).abs().max().item()
     assert ours <= 2 * theirs, f"grad_input error {ours:.3g} vs torch float32 {theirs:.3g}"
     return {"ours": ours, "torch": theirs}
+
+
+def revert_mid_training(rank: int, world_size: int) -> dict[str, Any]:
+    """Export in the middle of DDP training. Reverting a deepcopy (the documented way) warns
+    nothing and leaves the wrapped model's layers synchronized (checked against plain BN over the
+    global batch after the export); reverting parts of ``model.module`` itself warns, once."""
+    import copy
+    import sys
+    import warnings
+
+    sys.modules["syncbn.convert"]._warned_in_place = False  # one-time per process: reused ranks
+    torch.manual_seed(0)  # the same shards and weights on every rank
+    shards = [torch.randn(2 + r, 3, dtype=torch.float64) for r in range(world_size)]
+    model = syncbn.convert_sync_batchnorm(nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))))
+    ddp = nn.parallel.DistributedDataParallel(model.double())
+    ddp(shards[rank]).sum().backward()
+    with warnings.catch_warnings(record=True) as on_copy:
+        warnings.simplefilter("always")
+        plain = syncbn.revert_sync_batchnorm(copy.deepcopy(ddp.module))
+        syncbn.revert_sync_batchnorm(ddp.module[1])  # a layer alone: a new layer, nothing changed
+    kept = [type(m).__name__ for m in (model[1], model[2][1])]
+    out = ddp(shards[rank])  # still synchronized: the global batch's statistics
+    with torch.no_grad():
+        h = torch.cat(shards)
+        for linear, bn in ((model[0], model[1]), (model[2][0], model[2][1])):
+            h = nn.functional.batch_norm(linear(h), None, None, bn.weight, bn.bias, training=True)
+    start = sum(len(s) for s in shards[:rank])
+    torch.testing.assert_close(out.detach(), h[start:start + len(shards[rank])])
+    with warnings.catch_warnings(record=True) as in_place:
+        warnings.simplefilter("always")
+        syncbn.revert_sync_batchnorm(ddp.module[2])  # in place: warns
+        syncbn.revert_sync_batchnorm(ddp.module)  # in place too: no second warning
+    return {"on_copy": [str(w.message) for w in on_copy], "kept": kept,
+            "exported": [type(m).__name__ for m in (plain[1], plain[2][1])],
+            "reverted": [type(m).__name__ for m in (model[1], model[2][1])],
+            "in_place": [(w.category.__name__, str(w.message)) for w in in_place]}
