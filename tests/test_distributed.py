@@ -253,6 +253,33 @@ def test_a_stalled_rank_gives_a_clear_error_at_the_timeout(tmp_path, shm):
     assert errors[1] == "", errors
 
 
+@pytest.mark.parametrize("shm", ["auto", "off"])
+def test_three_ranks_at_symmetric_passes_all_get_the_out_of_step_error(tmp_path, shm):
+    """Ranks at forward passes #2, #3, #4 of one layer (rank r ran r + 1 steps): rank 1's pass
+    is the mean, so only the squares in the header catch it. Every rank raises, naming the layer,
+    and none hangs."""
+    errors = _misuse(tmp_path, "pass-spread", 3, env={"SYNCBN_SHM": shm})
+    for rank, own in enumerate([2, 3, 4]):
+        e = errors[rank]
+        where = f"SyncBatchNorm1d(4) '0', forward pass #{own} on rank {rank}"
+        assert f"ranks are out of step at {where}" in e, errors
+        assert f"pass: this rank {own}, the mean over ranks 3" in e, e
+        assert "the ranks ran different numbers of steps" in e, e
+
+
+def test_revert_mid_training_copy_keeps_sync_and_in_place_warns_once(tmp_path):
+    for result in harness.run(workers.revert_mid_training, 2, tmp_path):
+        assert result["on_copy"] == [], result
+        assert result["kept"] == ["SyncBatchNorm1d"] * 2, result
+        assert result["exported"] == result["reverted"] == ["BatchNorm1d"] * 2, result
+        assert len(result["in_place"]) == 1, result
+        category, message = result["in_place"][0]
+        assert category == "UserWarning", result
+        assert "changes the module in place" in message, message
+        assert "a live DistributedDataParallel wraps" in message, message
+        assert "revert_sync_batchnorm(copy.deepcopy(model.module))" in message, message
+
+
 def test_debug_mode_shows_every_ranks_view(tmp_path):
     errors = _misuse(tmp_path, "skip", debug=True)
     for e in errors:

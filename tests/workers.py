@@ -498,6 +498,15 @@ def misuse(rank: int, world_size: int, cfg: Misuse) -> str:
         elif scenario == "steps":  # rank 0 runs one step more than rank 1
             for _ in range(3 if rank == 0 else 2):
                 model(torch.randn(3, widths[0])).sum().backward()
+        elif scenario == "pass-spread":  # rank r has run r + 1 steps: passes #2, #3, #4 meet
+            # Consistent ranks cannot get here through the collective itself (passes pair up in
+            # call order and each is checked; a layer also synchronized over subgroups fails there
+            # first): the counters diverge outside this group (a rank rebuilt its model, caught an
+            # error, trained in a subgroup). Set them as if rank r had run r + 1 forward passes.
+            # Rank 1's pass number is then the mean (2 + 3 + 4 == 3 * 3): the sums of the header
+            # agree on it, only the sums of squares catch it. Every rank must raise, none wait.
+            model[0]._tag.forward = rank + 1
+            model(x).sum().backward()
         elif scenario == "stall":  # after a step, rank 1 stays away (alive) past the timeout
             model(x).sum().backward()
             if rank == 1:
@@ -615,3 +624,40 @@ def large_mean_gradients(rank: int, world_size: int, cfg: Moments) -> dict[str, 
     theirs = (torch_dx.double() - ref["dx"][rank]).abs().max().item()
     assert ours <= 2 * theirs, f"grad_input error {ours:.3g} vs torch float32 {theirs:.3g}"
     return {"ours": ours, "torch": theirs}
+
+
+def revert_mid_training(rank: int, world_size: int) -> dict[str, Any]:
+    """Export in the middle of DDP training. Reverting a deepcopy (the documented way) warns
+    nothing and leaves the wrapped model's layers synchronized (checked against plain BN over the
+    global batch after the export); reverting parts of ``model.module`` itself warns, once."""
+    import copy
+    import sys
+    import warnings
+
+    sys.modules["syncbn.convert"]._warned_in_place = False  # one-time per process: reused ranks
+    torch.manual_seed(0)  # the same shards and weights on every rank
+    shards = [torch.randn(2 + r, 3, dtype=torch.float64) for r in range(world_size)]
+    model = syncbn.convert_sync_batchnorm(nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))))
+    ddp = nn.parallel.DistributedDataParallel(model.double())
+    ddp(shards[rank]).sum().backward()
+    with warnings.catch_warnings(record=True) as on_copy:
+        warnings.simplefilter("always")
+        plain = syncbn.revert_sync_batchnorm(copy.deepcopy(ddp.module))
+        syncbn.revert_sync_batchnorm(ddp.module[1])  # a layer alone: a new layer, nothing changed
+    kept = [type(m).__name__ for m in (model[1], model[2][1])]
+    out = ddp(shards[rank])  # still synchronized: the global batch's statistics
+    with torch.no_grad():
+        h = torch.cat(shards)
+        for linear, bn in ((model[0], model[1]), (model[2][0], model[2][1])):
+            h = nn.functional.batch_norm(linear(h), None, None, bn.weight, bn.bias, training=True)
+    start = sum(len(s) for s in shards[:rank])
+    torch.testing.assert_close(out.detach(), h[start:start + len(shards[rank])])
+    with warnings.catch_warnings(record=True) as in_place:
+        warnings.simplefilter("always")
+        syncbn.revert_sync_batchnorm(ddp.module[2])  # in place: warns
+        syncbn.revert_sync_batchnorm(ddp.module)  # in place too: no second warning
+    return {"on_copy": [str(w.message) for w in on_copy], "kept": kept,
+            "exported": [type(m).__name__ for m in (plain[1], plain[2][1])],
+            "reverted": [type(m).__name__ for m in (model[1], model[2][1])],
+            "in_place": [(w.category.__name__, str(w.message)) for w in in_place]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _comm
 from .batchnorm import BatchNormNd, SyncBatchNorm, SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d
 
 __all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm"]
@@ -66,20 +68,72 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     ``training`` and ``state_dict`` keys. ``revert_sync_batchnorm(convert_sync_batchnorm(m))`` has
     the same ``state_dict`` and outputs as ``m``.
 
+    Like ``convert_sync_batchnorm`` (and torch's), it changes ``module`` in place: its
+    synchronized layers are replaced. To export during training, revert a copy, or the rank that
+    exports stops synchronizing for the rest of training while the others wait for it::
+
+        plain = syncbn.revert_sync_batchnorm(copy.deepcopy(model.module))  # model: the DDP
+
+    A one-time ``UserWarning`` says so when ``module`` contains synchronized layers and is (part
+    of) a model that a live ``DistributedDataParallel`` wraps, in a process group of more than
+    one rank.
+
     Returns:
         The reverted module (a new layer when ``module`` is itself a synchronized batch norm).
 
     Example::
 
-        >>> import torch, syncbn
+        >>> import copy, torch, syncbn
         >>> net = syncbn.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
-        >>> type(syncbn.revert_sync_batchnorm(net)[0])
+        >>> plain = syncbn.revert_sync_batchnorm(copy.deepcopy(net))  # net keeps its layers
+        >>> type(plain[0]).__name__, type(net[0]).__name__
+        ('BatchNorm1d', 'SyncBatchNorm1d')
+        >>> type(syncbn.revert_sync_batchnorm(net)[0])  # in place: net itself is reverted
         <class 'torch.nn.modules.batchnorm.BatchNorm1d'>
+        >>> type(net[0]).__name__
+        'BatchNorm1d'
     """
+    global _warned_in_place
+    if not _warned_in_place and _in_live_ddp(module):
+        _warned_in_place = True
+        warnings.warn(
+            "syncbn.revert_sync_batchnorm changes the module in place, and this one is part of a "
+            "model that a live DistributedDataParallel wraps: its reverted layers no longer "
+            "synchronize on this rank (the other ranks wait for it at their next synchronized "
+            "layer). To export during training, revert a copy: "
+            "syncbn.revert_sync_batchnorm(copy.deepcopy(model.module)).",
+            UserWarning, stacklevel=2,
+        )
+    return _revert(module)
+
+
+_warned_in_place = False
+
+
+def _in_live_ddp(module: nn.Module) -> bool:
+    """Whether reverting ``module`` in place would stop a running distributed training from
+    synchronizing: the default group has more than one rank, ``module`` contains synchronized
+    layers (below itself), and it is (part of) the model of a live DistributedDataParallel.
+    The module cannot see its wrapper, so the live DDP objects are looked up: a scan of the
+    garbage collector's objects (a fraction of a second), made only in a process group of more
+    than one rank and for a module with synchronized layers."""
+    if _comm.group_size() <= 1:
+        return False
+    if not any(type(m) in _TO_PLAIN for m in module.modules() if m is not module):
+        return False  # nothing would be replaced in place (a layer alone gives a new layer)
+    ddp = nn.parallel.DistributedDataParallel
+    if isinstance(module, ddp):
+        return True
+    # type(), not isinstance(): that reads __class__, which some of torch's objects warn on
+    return any(issubclass(type(obj), ddp) and any(m is module for m in obj.module.modules())
+               for obj in gc.get_objects())
+
+
+def _revert(module: nn.Module) -> nn.Module:
     target = _TO_PLAIN.get(type(module))
     out = _rebuild(module, target) if target is not None else module  # type: ignore[arg-type]
     for name, child in module.named_children():
-        out.add_module(name, revert_sync_batchnorm(child))
+        out.add_module(name, _revert(child))
     return out
 
 
