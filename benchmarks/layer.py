@@ -98,7 +98,7 @@ def main() -> None:
                 TorchSyncBNFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, group, 1).backward(dy)
 
             def ours():
-                SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, gid, layer)[0].backward(dy)
+                SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, gid, layer).backward(dy)
 
             t_plain, t_ours = timed(plain), timed(ours)
             # torch.nn.SyncBatchNorm refuses CPU tensors

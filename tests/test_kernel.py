@@ -107,7 +107,7 @@ def _sync(x, dy, weight, bias, rmean, rvar, eps=1e-5, momentum=0.1) -> dict[str,
     layer = _function.layer_id(tag)
     xl, wl, bl = (_copy(t, grad=True) for t in (x, weight, bias))
     rm, rv = _copy(rmean), _copy(rvar)
-    y, _ = _function.SyncBatchNormFunction.apply(xl, wl, bl, rm, rv, eps, momentum, 0, layer)
+    y = _function.SyncBatchNormFunction.apply(xl, wl, bl, rm, rv, eps, momentum, 0, layer)
     y.backward(dy)
     return {"y": y.detach(), "dx": xl.grad, "dw": None if wl is None else wl.grad,
             "db": None if bl is None else bl.grad, "running_mean": rm, "running_var": rv}
@@ -401,7 +401,7 @@ _CHILD = textwrap.dedent("""
             xl = x.clone().requires_grad_()
             tag = _wire.LayerTag.for_layer("child", 0, "SyncBatchNorm(child)")
             layer = _function.layer_id(tag)
-            y, _ = _function.SyncBatchNormFunction.apply(xl, None, None, None, None, 1e-5, 0.1,
+            y = _function.SyncBatchNormFunction.apply(xl, None, None, None, None, 1e-5, 0.1,
                                                          0, layer)
             y.backward(dy)
     torch.save({"x": x, "dy": dy, "y": y.detach(), "dx": xl.grad}, out)

@@ -63,19 +63,10 @@ def forward_apply(x: Tensor, buffer: Tensor, world: int, fields: list[int],
     return out, stats, code
 
 
-def _in_layout(dy: Tensor, x: Tensor, nsc: int) -> Tensor:
-    """``dy`` as the kernel reads it: x's dtype and memory layout."""
-    layout = _kernel.layout_of(x, nsc)
-    if dy.dtype != x.dtype or not dy.is_contiguous(memory_format=layout):
-        dy = dy.to(x.dtype).contiguous(memory_format=layout)
-    return dy
-
-
 def backward_reduce(dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
                     fields: list[int], weight_dtype: torch.dtype | None,
                     bias_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
-    n, c, s, nsc = _geometry(x)
-    dy = _in_layout(dy, x, nsc)
+    n, c, s, nsc = _geometry(x)  # dy: x's dtype and layout (the core makes it so)
     grad_weight = torch.empty(c, dtype=weight_dtype) if weight_dtype is not None else None
     grad_bias = torch.empty(c, dtype=bias_dtype) if bias_dtype is not None else None
     at, size = (buffer.data_ptr(), buffer.numel()) if buffer is not None else (0, 0)
@@ -94,8 +85,7 @@ def backward_reduce(dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
 def backward_apply(dy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, buffer: Tensor,
                    world: int, fields: list[int],
                    status: Tensor | None = None) -> tuple[Tensor, int]:
-    n, c, s, nsc = _geometry(x)
-    dy = _in_layout(dy, x, nsc)
+    n, c, s, nsc = _geometry(x)  # dy: x's dtype and layout (the core makes it so)
     grad_in = torch.empty_like(x)
     code = _kernel.calls(x.dtype)[3](_APPLY_BWD.pack(
         float(world), buffer.data_ptr(), buffer.numel(), *fields, dy.data_ptr(), x.data_ptr(),

@@ -136,10 +136,10 @@ def all_reduce(buffer: Tensor, process_group: Any | None, tag: _wire.LayerTag, d
     """THE collective: sum ``buffer`` (a packed float64 buffer of :func:`buffer_length`) over the
     group, in place; errors are rewrapped naming the layer. Returns the group's size (the header
     check needs it). ``payload_size`` and ``shape`` are only reported, in debug mode."""
-    if not compiling():
+    if _pending:  # earlier CUDA passes' headers (this runs eagerly, also inside registered ops)
         check_pending()
     pg = resolve(process_group)
-    world = group_size(pg)
+    world = pg.size() if isinstance(pg, _ProcessGroup) else group_size(pg)
     if world == 1:
         return world  # a group of one rank: the sum is the buffer itself, nothing to wait for
     count = tag.passes(direction)

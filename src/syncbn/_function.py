@@ -86,9 +86,8 @@ def backend_for(input: Tensor, *params: Tensor | None) -> Any:
 
 
 def _like(grad_output: Tensor, input: Tensor) -> Tensor:
-    """``grad_output`` in the input's dtype and memory layout (what the backends read)."""
-    if grad_output.dtype == input.dtype and grad_output.stride() == input.stride():
-        return grad_output  # the usual case: autograd hands back the output's layout
+    """``grad_output`` in the input's dtype and memory layout (what the backends read; the
+    caller skips this in the usual case: autograd hands back the output's layout)."""
     if input.is_contiguous():
         layout = torch.contiguous_format
     elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
@@ -135,7 +134,7 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
         if total == 0:  # nothing to normalize and nothing to learn from
             running_mean = running_var = None
     policy = _wire.POLICIES[_settings.get().nonfinite]
-    status = _status_word(input)
+    status = None if input.is_cpu else _status_word(input)
     out, stats, code = backend.forward_apply(input, buffer, world, fields, weight, bias,
                                              running_mean, running_var, eps, momentum, policy,
                                              status)
@@ -143,16 +142,14 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
         code = int(status.item())  # a device sync on GPU, as documented for this policy
     if code:
         _raise(code, buffer, fields, tag, _wire.FORWARD, process_group)
-    if buffer.device.type == "cuda":
+    if buffer.is_cuda:
         _comm.defer_check(buffer, fields, tag, _wire.FORWARD, process_group)
     return out, stats
 
 
 def _status_word(input: Tensor) -> Tensor | None:
     """Where a GPU backend puts its result code without a host sync (the header itself is
-    checked one pass late, :func:`_comm.defer_check`); None on CPU (codes come back directly)."""
-    if input.device.type == "cpu":
-        return None
+    checked one pass late, :func:`_comm.defer_check`); on CPU codes come back directly."""
     return torch.zeros(1, dtype=torch.int32, device=input.device)
 
 
@@ -166,7 +163,9 @@ def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, sta
     the forward's (eagerly known), else chosen again."""
     if backend is None:
         backend = backend_for(input, weight, None, None, None)
-    dy = _like(grad_output, input)
+    dy = grad_output
+    if dy.dtype != input.dtype or dy.stride() != input.stride():
+        dy = _like(grad_output, input)
     buffer, fields = None, None
     channels = input.shape[1]
     if need_input:
@@ -182,10 +181,10 @@ def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, sta
         world = _comm.all_reduce(buffer, process_group, tag, _wire.BACKWARD, 2 * channels,
                                  tuple(input.shape))
         grad_input, code = backend.backward_apply(dy, input, stats, weight, buffer, world, fields,
-                                                  _status_word(input))
+                                                  None if input.is_cpu else _status_word(input))
         if code:
             _raise(code, buffer, fields, tag, _wire.BACKWARD, process_group)
-        if buffer.device.type == "cuda":
+        if buffer.is_cuda:
             _comm.defer_check(buffer, fields, tag, _wire.BACKWARD, process_group)
     return grad_input, grad_weight, grad_bias
 
@@ -215,25 +214,24 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx: Any, input: Tensor, weight: Tensor | None, bias: Tensor | None,
         running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float,
         group: int, layer: int,
-    ) -> tuple[Tensor, Tensor]:
-        backend = None
+    ) -> Tensor:
         if _comm.compiling():
             out, stats = torch.ops.syncbn.forward(input, weight, bias, running_mean, running_var,
                                                   eps, momentum, group, layer)
-        else:
-            backend = backend_for(input, weight, bias, running_mean, running_var)
+            ctx.backend = ctx.process_group = ctx.tag = None
+        else:  # eager: the backward takes the forward's backend, group and tag as they are
+            ctx.backend = backend_for(input, weight, bias, running_mean, running_var)
+            ctx.process_group, ctx.tag = _group(group), _tags[layer]
             out, stats = forward_pass(input, weight, bias, running_mean, running_var, eps,
-                                      momentum, _group(group), _tags[layer], backend)
-        ctx.mark_non_differentiable(stats)
+                                      momentum, ctx.process_group, ctx.tag, ctx.backend)
         ctx.save_for_backward(input, weight, stats)
         ctx.group, ctx.layer = group, layer
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.backend = backend  # eager: the backward takes the forward's backend
-        return out, stats
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, weight, stats = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         weight_dtype = weight.dtype if need_weight else None
@@ -245,9 +243,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grads = (gi if need_input else None, gw if need_weight else None,
                      gb if need_bias else None)
         else:
-            grads = backward_pass(grad_output, input, weight, stats, _group(ctx.group),
-                                  _tags[ctx.layer], need_input, weight_dtype, bias_dtype,
-                                  ctx.backend)
+            grads = backward_pass(grad_output, input, weight, stats, ctx.process_group, ctx.tag,
+                                  need_input, weight_dtype, bias_dtype, ctx.backend)
         return (*grads, None, None, None, None, None, None)
 
 

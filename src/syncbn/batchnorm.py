@@ -153,7 +153,7 @@ class SyncBatchNorm(_BatchNorm):
         if not (self.training and _comm.group_size(self.process_group) > 1):
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 use_batch_stats, factor, self.eps)
-        out, _ = _function.SyncBatchNormFunction.apply(
+        out = _function.SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
             _function.group_id(self.process_group), self._layer_id)
         return out  # type: ignore[no-any-return]

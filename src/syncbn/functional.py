@@ -90,7 +90,7 @@ def sync_batch_norm(
                 f"sync_batch_norm: expected {name} with {input.shape[1]} elements (the input's "
                 f"channels), got {t.numel()}"
             )
-    out, _ = _function.SyncBatchNormFunction.apply(
+    out = _function.SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, eps, momentum,
         _function.group_id(process_group), _FUNCTIONAL_LAYER)
     return out  # type: ignore[no-any-return]

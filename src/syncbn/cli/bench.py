@@ -240,7 +240,7 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     def syncbn_function() -> None:
         x.grad = None
         SyncBatchNormFunction.apply(x, sbn.weight, sbn.bias, f_rm, f_rv, EPS, MOMENTUM,
-                                    group_id, layer)[0].backward(dy)
+                                    group_id, layer).backward(dy)
 
     kernel = os.environ.get("SYNCBN_KERNEL", "auto") or "auto"
 
