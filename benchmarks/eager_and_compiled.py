@@ -5,7 +5,9 @@ compiled training step (issue: registered ops).
     python benchmarks/eager_and_compiled.py --before HEAD~3 --ranks 2 --iters 200
 
 Each configuration runs in ``--ranks`` spawned CPU processes (gloo over a FileStore, one torch
-thread per rank, the same-machine transport where it applies), all ranks in lockstep. Per layer
+thread per rank, the same-machine transport where it applies), all ranks in lockstep. At
+``--ranks 1`` syncbn's synchronized Function is called directly over the 1-rank group (a module
+would not synchronize): the per-call cost of syncbn's Python and kernels, without waiting. Per layer
 (the ResNet-50 shapes of ``syncbn bench``): median microseconds of one forward+backward of
 torch's *unsynchronized* ``BatchNorm`` (the floor), of syncbn at this checkout ("after") and of
 syncbn at ``--before`` (its ``src/`` extracted with ``git archive`` into a temp dir); the ratio
@@ -53,6 +55,8 @@ def _rank(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
         plain = torch.nn.BatchNorm2d(shape[1]) if x.dim() == 4 else torch.nn.BatchNorm1d(shape[1])
         sync = syncbn.convert_sync_batchnorm(
             torch.nn.BatchNorm2d(shape[1]) if x.dim() == 4 else torch.nn.BatchNorm1d(shape[1]))
+        if world == 1:  # a module would not synchronize: its synchronized Function directly
+            sync = _function_layer(sync)
         for name, layer in (("bn", plain), ("syncbn", sync)):
             if cfg["only_syncbn"] and name == "bn":
                 continue
@@ -63,13 +67,28 @@ def _rank(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
                 layer(x).backward(dy)
                 times.append(time.perf_counter() - t0)
             rows.setdefault(spec, {})[name] = statistics.median(times[cfg["warmup"]:]) * 1e6
-    if cfg["step"]:
+    if cfg["step"] and world > 1:
         rows["step"] = _steps(rank, world, cfg)
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # torch 2.13 + gloo may abort at interpreter teardown (see _spawn.leave)
+
+
+def _function_layer(module):
+    """``x -> syncbn's synchronized Function`` over the 1-rank group, in the API of whichever
+    syncbn revision is imported (the revision before the registered ops took a tag object)."""
+    from syncbn import _function
+
+    w, b, rm, rv = module.weight, module.bias, module.running_mean, module.running_var
+    if hasattr(_function, "layer_id"):
+        ids = (_function.group_id(None), _function.layer_id(module._tag))
+    else:
+        ids = (None, module._tag)
+    fn = lambda x: _function.SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, *ids)  # noqa: E731
+    fn.module = module  # keeps the layer (and its tag, which the id names) alive
+    return fn
 
 
 def _net(sync: bool):
@@ -162,7 +181,7 @@ def main() -> None:
     for spec in args.shapes.split(","):
         bn, b, a = after[spec]["bn"], before[spec]["syncbn"], after[spec]["syncbn"]
         print(f"{spec:>16} {bn:9.1f} {b:9.1f} {a:9.1f} {b / bn:9.2f} {a / bn:9.2f}")
-    if "step" in after:
+    if after.get("step"):
         print(f"\ntraining step, small conv net, {args.ranks} ranks x 4x3x32x32 (median ms)")
         for name, ms in after["step"].items():
             print(f"{name:>32} {ms:9.2f}")
