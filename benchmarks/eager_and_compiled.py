@@ -13,7 +13,9 @@ torch's *unsynchronized* ``BatchNorm`` (the floor), of syncbn at this checkout (
 syncbn at ``--before`` (its ``src/`` extracted with ``git archive`` into a temp dir); the ratio
 columns divide by torch's BatchNorm. Then one training step of a small conv net (3 conv+BN
 layers, batch 4x3x32x32 per rank) in eager mode, compiled with ``aot_eager`` + ``fullgraph=True``
-and (``--inductor``) with inductor, against the same net with plain BatchNorm.
+and (``--inductor``) with inductor, against the same net with plain BatchNorm. ``--overhead``
+prints only the fixed costs behind the eager design (an empty ``autograd.Function`` with one or
+two outputs, a registered custom op against the same Python function called directly).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _function_layer(module):
         ids = (_function.group_id(None), _function.layer_id(module._tag))
     else:
         ids = (None, module._tag)
-    fn = lambda x: _function.SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, *ids)  # noqa: E731
+    fn = lambda x: _function.SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, *ids)
     fn.module = module  # keeps the layer (and its tag, which the id names) alive
     return fn
 
@@ -122,10 +124,10 @@ def _steps(rank: int, world: int, cfg: dict) -> dict:
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         model = net if backend is None else torch.compile(net, backend=backend, fullgraph=True)
 
-        def step():
+        def step(net=net, model=model, opt=opt):  # type: ignore[no-untyped-def]
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
-            for p in net.parameters():  # gradients averaged by hand (no DDP: one more graph)
+            for p in net.parameters():  # gradients summed by hand (no DDP: one more graph)
                 dist.all_reduce(p.grad)
             opt.step()
 
@@ -137,6 +139,61 @@ def _steps(rank: int, world: int, cfg: dict) -> dict:
             times.append(time.perf_counter() - t0)
         result[name] = statistics.median(times[5:]) * 1e3
     return result
+
+
+def _overhead() -> None:
+    """The fixed costs behind the eager design, in this process (median us per call)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+    class One(torch.autograd.Function):  # an empty Function with one output
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def]
+            ctx.save_for_backward(x, torch.empty(3))
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[no-untyped-def]
+            return g
+
+    class Two(torch.autograd.Function):  # the same with a second, non-differentiable output
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def]
+            s = torch.empty(3)
+            ctx.mark_non_differentiable(s)
+            ctx.save_for_backward(x, s)
+            return torch.empty_like(x), s
+
+        @staticmethod
+        def backward(ctx, g, _):  # type: ignore[no-untyped-def]
+            return g
+
+    def body(x: torch.Tensor, eps: float) -> torch.Tensor:
+        return x.clone()
+
+    op = torch.library.custom_op("syncbn_bench::body", body, mutates_args=(),
+                                 schema="(Tensor x, float eps) -> Tensor")
+    x = torch.randn(2, 64, requires_grad=True)
+    dy, bn = torch.randn(2, 64), torch.nn.BatchNorm1d(64)
+    cases = {
+        "torch BatchNorm1d(64) fwd+bwd, 2x64": lambda: bn(x).backward(dy),
+        "empty autograd.Function fwd+bwd, 1 output": lambda: One.apply(x).backward(dy),
+        "empty autograd.Function fwd+bwd, 2 outputs": lambda: Two.apply(x)[0].backward(dy),
+        "a Python function, called directly": lambda: body(x, 1e-5),
+        "the same function as a registered custom op": lambda: op(x, 1e-5),
+    }
+    print("fixed costs, 1 thread (median us per call of 7 x 2000)")
+    for name, fn in cases.items():
+        for _ in range(300):
+            fn()
+        runs = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(2000):
+                fn()
+            runs.append((time.perf_counter() - t0) / 2000 * 1e6)
+        print(f"{name:>48} {statistics.median(runs):8.1f}")
 
 
 def _run(src: str | None, cfg: dict, ranks: int) -> dict:
@@ -164,7 +221,12 @@ def main() -> None:
     p.add_argument("--shapes", default=SHAPES)
     p.add_argument("--no-step", action="store_true", help="skip the training-step section")
     p.add_argument("--inductor", action="store_true", help="also compile with inductor (slow)")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the fixed costs: empty autograd.Function, registered custom op")
     args = p.parse_args()
+    if args.overhead:
+        _overhead()
+        return
     base = {"shapes": args.shapes, "iters": args.iters, "warmup": 10, "step": False,
             "step_iters": 20, "inductor": args.inductor, "only_syncbn": False}
     with tempfile.TemporaryDirectory() as old:

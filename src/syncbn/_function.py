@@ -27,7 +27,7 @@ them.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional
+from typing import Any, Optional  # Optional: custom_op reads the annotations at run time
 
 import torch
 from torch import Tensor
@@ -147,7 +147,7 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     return out, stats
 
 
-def _status_word(input: Tensor) -> Tensor | None:
+def _status_word(input: Tensor) -> Tensor:
     """Where a GPU backend puts its result code without a host sync (the header itself is
     checked one pass late, :func:`_comm.defer_check`); on CPU codes come back directly."""
     return torch.zeros(1, dtype=torch.int32, device=input.device)
