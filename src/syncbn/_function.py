@@ -19,8 +19,8 @@ Two doors to the same passes: eagerly, :class:`SyncBatchNormFunction` calls them
 fewest Python steps); under ``torch.compile`` it calls them through the registered ops
 ``syncbn::forward`` and ``syncbn::backward``, which dynamo sees as opaque, known operators (with
 fake implementations for tracing), so a synchronized model compiles with ``fullgraph=True`` and
-its checks still run, at run time, inside the ops. Registered ops cost ~22 us per call more than
-a direct call in eager mode (measured: benchmarks/RESULTS.md), which is why eager does not use
+its checks still run, at run time, inside the ops. Registered ops cost ~14 us per call more than
+a direct call in eager mode (benchmarks/RESULTS.md, section 0), which is why eager does not use
 them.
 """
 
