@@ -62,13 +62,16 @@ def _rank(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
         for name, layer in (("bn", plain), ("syncbn", sync)):
             if cfg["only_syncbn"] and name == "bn":
                 continue
-            times = []
-            for i in range(cfg["warmup"] + cfg["iters"]):
-                dist.barrier()  # lockstep: every rank starts the pass together
-                t0 = time.perf_counter()
+            for _ in range(cfg["warmup"]):
                 layer(x).backward(dy)
-                times.append(time.perf_counter() - t0)
-            rows.setdefault(spec, {})[name] = statistics.median(times[cfg["warmup"]:]) * 1e6
+            runs = []
+            for _ in range(5):  # 5 runs of iters/5 passes back to back; the median run's mean
+                dist.barrier()  # the ranks start each run together
+                t0 = time.perf_counter()
+                for _ in range(cfg["iters"] // 5):
+                    layer(x).backward(dy)
+                runs.append((time.perf_counter() - t0) / (cfg["iters"] // 5))
+            rows.setdefault(spec, {})[name] = statistics.median(runs) * 1e6
     if cfg["step"] and world > 1:
         rows["step"] = _steps(rank, world, cfg)
     if rank == 0:

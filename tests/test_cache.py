@@ -320,6 +320,22 @@ def test_a_valid_cache_loads_without_a_compiler(tmp_path, cache, stem):
     assert info["path"] == str(cache / f"{stem}.so") and not text, report
 
 
+def test_a_build_under_a_permissive_umask_loads(tmp_path):
+    """umask 002 (common on shared machines): the compiler writes the library 775 and a plain
+    open() the manifest 664; both are set to what the loader accepts, not refused as unsafe."""
+    old = os.umask(0o002)  # inherited by the child, and by its compiler
+    try:
+        report, text = _load(tmp_path, tmp_path / "cache")
+    finally:
+        os.umask(old)
+    info = report["info"]
+    assert info["available"] and info["compiled"] and not text, report
+    for name in os.listdir(tmp_path / "cache"):
+        assert not os.lstat(tmp_path / "cache" / name).st_mode & 0o022, name
+    report, text = _load(tmp_path, tmp_path / "cache")  # and the next process loads it
+    assert report["info"]["available"] and not report["info"]["compiled"] and not text, report
+
+
 def test_a_failed_build_leaves_nothing(tmp_path):
     cache = tmp_path / "cache"
     report, text = _load(tmp_path, cache, CC="false")

@@ -228,6 +228,8 @@ class CacheDir:
     def install(self, built: Path, stem: str, manifest: dict[str, Any]) -> None:
         """Move the library ``built`` (in a :meth:`build_dir`) into place as ``<stem>.so``, fsync'd,
         then its manifest (sha256 and size of the bytes written) as ``<stem>.json``."""
+        with contextlib.suppress(FileNotFoundError):  # the compiler's mode follows the umask
+            os.chmod(built, 0o755)  # (e.g. 002 -> 775), which the loader would refuse
         fd = _open_checked(built, "file", frozenset({_uid()}))
         if fd is None:
             raise FileNotFoundError(f"the compiler wrote no {built}")
@@ -238,7 +240,9 @@ class CacheDir:
             os.close(fd)
         manifest = {**manifest, "sha256": digest, "size": size}
         note = built.with_suffix(".json")
-        with open(note, "w") as f:
+        nfd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        os.fchmod(nfd, 0o644)  # whatever the umask: the loader refuses group/other-writable
+        with os.fdopen(nfd, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())

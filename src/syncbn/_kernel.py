@@ -148,6 +148,7 @@ def _cpu_id() -> str:
 def _load(rebuild: bool = False) -> None:
     start = time.perf_counter()
     _state["problems"] = []
+    _state["lib"] = None  # a failed rebuild must not leave the old library reported
     try:
         _state["lib"] = _build_and_load(rebuild)
     except Exception as e:  # noqa: BLE001 - no compiler, a compile error, an unwritable cache
