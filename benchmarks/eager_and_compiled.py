@@ -78,7 +78,7 @@ def _rank(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
         Path(out).write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0)  # torch 2.13 + gloo may abort at interpreter teardown (see _spawn.leave)
+    os._exit(0)  # torch 2.13 + gloo may abort at interpreter teardown (see syncbn.cli._launch.leave)
 
 
 def _function_layer(module):

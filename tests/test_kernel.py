@@ -2,7 +2,7 @@
 
 The synchronized Function runs in a 1-rank gloo group (it skips the all_reduce there: a sum over
 one rank is the buffer itself, and the header check still runs on it), so every branch of the
-kernel and of ``_forward_fused``/``_backward_fused`` is exercised without spawning ranks. Every case is compared with the float64 reference (plain ``F.batch_norm`` + autograd) and
+kernel and of the C backend's steps (``_backend_c.py``) is exercised without spawning ranks. Every case is compared with the float64 reference (plain ``F.batch_norm`` + autograd) and
 with the ATen path (``SYNCBN_KERNEL=aten``). Build and fallback behaviour (no compiler, the cache)
 is tested in subprocesses, since the kernel is loaded once per process.
 """

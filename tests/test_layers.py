@@ -281,3 +281,18 @@ def test_bad_shm_setting_names_itself(monkeypatch):
     _settings.reload()
     with pytest.raises(ValueError, match=r"SYNCBN_SHM: expected one of \('auto', 'off'\), got 'yes'"):
         _settings.get()
+
+
+def test_a_copied_layer_has_its_own_registered_tag():
+    """copy.deepcopy / pickle copy the layer's tag: the integer the registered ops use must name
+    the copy's tag (not the original's, which may be gone)."""
+    import copy
+    import pickle
+
+    from syncbn import _function
+
+    layer = syncbn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)))[0]
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone._tag is not layer._tag
+        assert _function._tags[clone._layer_id] is clone._tag
+        assert clone._tag.key == layer._tag.key  # the same layer of the same model

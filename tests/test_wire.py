@@ -74,6 +74,7 @@ def test_python_check_catches_every_rank(world, field):
     buffer = _reduced(_shards(world), rank_fields)
     for r, f in enumerate(rank_fields):
         assert not _wire.header_ok(buffer, f, world), (field, world, r)
+        assert not bool(_wire.header_matches(buffer, f, world)), (field, world, r)  # device twin
         error = _wire.mismatch_error(_wire.header(buffer), f, world, TAG, _wire.BACKWARD,
                                      TAG.backward, f"rank {r}")
         assert error is not None, (field, world, r)
@@ -95,6 +96,7 @@ def test_python_check_passes_agreeing_ranks(world):
     buffer = _reduced(_shards(world), rank_fields)
     for f in rank_fields:
         assert _wire.header_ok(buffer, f, world)
+        assert bool(_wire.header_matches(buffer, f, world))
         assert _wire.mismatch_error(_wire.header(buffer), f, world, TAG, _wire.BACKWARD,
                                     2, "rank 0") is None
 
@@ -162,3 +164,17 @@ def test_c_check_passes_agreeing_ranks(world):
         grad_in, code = _c_backward(shards[r], buffer, world, f, stats)
         assert code == _wire.OK, r
         assert grad_in.shape == shards[r].shape
+
+
+def test_running_statistics_are_kept_where_the_header_does_not_match():
+    """On a device the torch backend cannot read the header before the update: it passes the
+    device-side check as ``valid``, and a False keeps every running value."""
+    from syncbn import _stats
+
+    rm, rv = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    mean, var, count = torch.tensor([5.0, 6.0]), torch.tensor([7.0, 8.0]), torch.tensor(4.0)
+    _stats.update_running_stats(rm, rv, mean, var, count, 0.5, valid=torch.tensor(False))
+    assert rm.tolist() == [1.0, 2.0] and rv.tolist() == [3.0, 4.0]
+    _stats.update_running_stats(rm, rv, mean, var, count, 0.5, valid=torch.tensor(True))
+    assert rm.tolist() == [3.0, 4.0] and rv.tolist() == pytest.approx([(3 + 7 * 4 / 3) / 2,
+                                                                       (4 + 8 * 4 / 3) / 2])

@@ -4,7 +4,8 @@ of the other backends and the reference they are tested against.
 
 The four steps and the buffer they write and read are specified in ``_function.py`` and
 ``_wire.py``. The header check is a host read here, so it runs on CPU only; on other devices the
-core checks the header one pass late (``_comm.defer_check``).
+core checks the header one pass late (``_comm.defer_check``), and the running statistics are
+updated only where the header matches (decided on the device).
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def forward_apply(x: Tensor, buffer: Tensor, world: int, fields: list[int],
         return None, None, _wire.NONFINITE  # a device sync on GPU (documented)
     mean, var, count = _stats.global_mean_var(moments, channels)
     if running_mean is not None or running_var is not None:
+        # On a device the header is checked on the host one pass late: until then, a buffer
+        # whose header disagrees must not reach the running statistics (checked here, no sync).
+        valid = None if buffer.is_cpu else _wire.header_matches(buffer, fields, world)
         _stats.update_running_stats(running_mean, running_var, mean, var, count, momentum,
-                                    keep_nonfinite=policy != _wire.POLICIES["skip"])
+                                    keep_nonfinite=policy != _wire.POLICIES["skip"], valid=valid)
     invstd = torch.rsqrt(var + eps)
     stats = torch.cat([mean, invstd, count.view(1)])  # C, C, 1 -> (2C + 1)
     acc = _stats.acc_dtype(x.dtype)

@@ -2,7 +2,7 @@
 
 One synchronized direction is ``reduce -> ONE all_reduce -> apply`` (the core runs the
 collective); this backend implements the four steps of the backend interface
-(``notes/backend_interface.md``) with six kernels (``_triton_kernels.py``):
+(specified in ``_function.py`` and ``_wire.py``) with six kernels (``_triton_kernels.py``):
 
 * forward:  ``fwd_tile`` (tile partials of shifted sums) -> ``fwd_pack`` (the partials summed in
   a fixed order into the WHOLE buffer) -> [all_reduce] -> ``fwd_apply`` (header check into the
@@ -33,10 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _wire
+
 __all__ = ["applies", "backward_apply", "backward_reduce", "forward_apply", "forward_reduce",
            "launches"]
 
-NUM_FIELDS = 6  # header fields (interface): the header is 2 * NUM_FIELDS numbers
+NUM_FIELDS = len(_wire.FIELDS)  # header fields: the header is 2 * NUM_FIELDS numbers
+STATUS_WORD = True  # its apply steps report into a device status word (no host sync)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_ROWS = 2**30  # rows (values per channel) are int32 inside the kernels, with headroom
 

@@ -26,6 +26,7 @@ forward never waits for the device: the error comes one pass late there.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -56,7 +57,8 @@ class _NoGroup:
 
 _NO_GROUP = _NoGroup()
 _yield = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
-_pending: list[tuple[Any, Tensor, list[int], _wire.LayerTag, int, int, Any]] = []
+_pending: collections.deque[tuple[Any, Tensor, list[int], _wire.LayerTag, int, int, Any]] = (
+    collections.deque())
 _waited = [0.0]  # seconds this process spent inside syncbn's all_reduce calls
 
 
@@ -230,7 +232,7 @@ def defer_check(buffer: Tensor, fields: list[int], tag: _wire.LayerTag, directio
     host = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
     host.copy_(checks, non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(buffer.device))  # the stream the copy went on
     _pending.append((event, host, fields, tag, direction, tag.passes(direction), process_group))
 
 
@@ -238,7 +240,7 @@ def check_pending(wait: bool = False) -> None:
     """Verify the headers of earlier CUDA passes whose copy to the host has landed (all of them
     with ``wait=True``); raise the mismatch error if any pass met another layer."""
     while _pending and (wait or _pending[0][0].query()):
-        event, host, fields, tag, direction, count, group = _pending.pop(0)
+        event, host, fields, tag, direction, count, group = _pending.popleft()
         event.synchronize()
         error = _wire.mismatch_error(host, fields, group_size(group), tag, direction, count,
                                      describe_group(group))

@@ -134,7 +134,7 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
         if total == 0:  # nothing to normalize and nothing to learn from
             running_mean = running_var = None
     policy = _wire.POLICIES[_settings.get().nonfinite]
-    status = None if input.is_cpu else _status_word(input)
+    status = _status_word(input) if getattr(backend, "STATUS_WORD", False) else None
     out, stats, code = backend.forward_apply(input, buffer, world, fields, weight, bias,
                                              running_mean, running_var, eps, momentum, policy,
                                              status)
@@ -148,8 +148,9 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 
 def _status_word(input: Tensor) -> Tensor:
-    """Where a GPU backend puts its result code without a host sync (the header itself is
-    checked one pass late, :func:`_comm.defer_check`); on CPU codes come back directly."""
+    """Where a backend that says ``STATUS_WORD = True`` (Triton) puts its result code without
+    a host sync (the header itself is checked one pass late, :func:`_comm.defer_check`); the
+    other backends return their codes directly."""
     return torch.zeros(1, dtype=torch.int32, device=input.device)
 
 
@@ -181,7 +182,9 @@ def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, sta
         world = _comm.all_reduce(buffer, process_group, tag, _wire.BACKWARD, 2 * channels,
                                  tuple(input.shape))
         grad_input, code = backend.backward_apply(dy, input, stats, weight, buffer, world, fields,
-                                                  None if input.is_cpu else _status_word(input))
+                                                  _status_word(input)
+                                                  if getattr(backend, "STATUS_WORD", False)
+                                                  else None)
         if code:
             _raise(code, buffer, fields, tag, _wire.BACKWARD, process_group)
         if buffer.is_cuda:

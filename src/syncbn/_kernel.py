@@ -1,20 +1,18 @@
 """The fused CPU kernel (``csrc/kernel.c``): built on first use, cached, loaded with ctypes.
 
-syncbn's synchronized pass has two implementations with the same results up to float rounding:
-
-* **fused** (CPU, float32/float64, contiguous or channels_last): one C pass over the data per
-  step (statistics, normalize, backward reductions, grad_input), with the per-channel math, the
-  collective's header and the running statistics done in C as well. No torch headers: the
-  ~800 lines of C build with the system C compiler in a few seconds, once per machine, into a
-  cache directory, and are called through ``ctypes``.
-* **aten** (everything else, GPU included): torch operators only (``_stats.py``).
+It is what the fused C backend (``_backend_c.py``: CPU float32/float64, contiguous or
+channels_last) calls: one C pass over the data per step (statistics, normalize, backward
+reductions, grad_input), with the per-channel math, the collective's header and the running
+statistics done in C as well. No torch headers: the C builds with the system C compiler in a
+few seconds, once per machine, into a cache directory, and is called through ``ctypes``. The
+other backends are torch operators (``_backend_torch.py``) and Triton (``_backend_triton.py``).
 
 The same library holds the shared-memory all_reduce of ranks on one machine (``csrc/local.h``,
 used by ``_comm`` through ``_local``), whichever path computes.
 
 ``SYNCBN_KERNEL`` picks: ``auto`` (default: fused where it applies and builds, else aten, with
-one warning saying why), ``fused`` (fused where it applies; an error if it cannot be built) or
-``aten`` (never fused). The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
+one warning saying why), ``fused`` (fused where it applies; an error if it cannot be built),
+``aten`` (never fused) or ``triton``. The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
 ``~/.cache/syncbn`` (``<tmp>/syncbn-<uid>`` when that is not writable); a kernel is loaded only
 from a directory and files nobody else can write, after checking its sha256 (``_cache.py``). The
 compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with ``-O3 -march=native -fopenmp`` (retried
@@ -46,7 +44,7 @@ import torch
 from . import _cache, _settings
 
 __all__ = ["ARG_FORMATS", "KernelUnavailable", "add_parser", "arg", "build_info", "calls",
-           "geometry", "get", "layout_of", "local_allreduce", "mode", "path_for", "suffix"]
+           "geometry", "get", "local_allreduce", "mode", "path_for", "suffix"]
 
 log = logging.getLogger("syncbn")
 
@@ -353,13 +351,6 @@ def geometry(input: torch.Tensor, *params: torch.Tensor | None) -> tuple[int, in
     return None
 
 
-def layout_of(input: torch.Tensor, nsc: int) -> torch.memory_format:
-    """The memory format a tensor must have to be read like ``input`` (for ``grad_output``)."""
-    if nsc and input.dim() in _CHANNELS_LAST and not input.is_contiguous():
-        return _CHANNELS_LAST[input.dim()]
-    return torch.contiguous_format
-
-
 def calls(dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
     """The loaded kernel's forward_reduce, forward_apply, backward_reduce and backward_apply
     for a data dtype (float32 or float64): each takes one block packed with ``ARG_FORMATS``."""
@@ -382,8 +373,10 @@ def suffix(dtype: torch.dtype) -> str:
 def path_for(input: torch.Tensor, *params: torch.Tensor | None) -> str:
     """Which implementation a synchronized pass on this input takes: ``"fused"`` or
     ``"aten (<why>)"`` (for reports such as ``syncbn check``)."""
-    if mode() in ("aten", "triton"):
-        return f"aten (SYNCBN_KERNEL={mode()})"
+    if mode() == "triton":
+        return "triton"
+    if mode() == "aten":
+        return "aten (SYNCBN_KERNEL=aten)"
     if geometry(input, *params) is None:
         return "aten (not a CPU float32/float64 contiguous or channels_last input)"
     try:

@@ -104,12 +104,14 @@ def update_running_stats(
     count: Tensor,
     momentum: float,
     keep_nonfinite: bool = True,
+    valid: Tensor | None = None,
 ) -> None:
     """In place: ``running = (1 - momentum) * running + momentum * batch``, with the unbiased var.
 
     Computed in float64 from identical inputs, so every rank gets bitwise identical buffers.
     ``count`` must be at least 2. With ``keep_nonfinite=False`` a channel whose new value is not
-    finite keeps its old value (decided on the device, no sync).
+    finite keeps its old value; with a boolean tensor ``valid`` that is False, every value is
+    kept (both decided on the device, no sync).
     """
     for running, batch in ((running_mean, mean), (running_var, var * (count / (count - 1.0)))):
         if running is None:
@@ -117,6 +119,8 @@ def update_running_stats(
         new = running.to(torch.float64, copy=True).mul_(1.0 - momentum).add_(batch, alpha=momentum)
         if not keep_nonfinite:
             new = torch.where(torch.isfinite(new), new, running.double())
+        if valid is not None:
+            new = torch.where(valid, new, running.double())
         running.copy_(new)
 
 

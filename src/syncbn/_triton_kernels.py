@@ -21,6 +21,8 @@ when ``|mean| >> std``.
 
 from __future__ import annotations
 
+from . import _wire
+
 try:
     import triton
     import triton.language as tl
@@ -29,11 +31,11 @@ except ImportError:  # the backend does not apply without triton; nothing here i
 
 # Status codes (``_wire.py``) and policies, as compile-time constants inside the kernels.
 if tl is not None:
-    _MISMATCH = tl.constexpr(1)
-    _NONFINITE = tl.constexpr(2)
-    _SKIP = tl.constexpr(1)
-    _RAISE = tl.constexpr(2)
-    _NF = tl.constexpr(6)  # header fields: the header is 2 * _NF numbers before the last sentinel
+    _MISMATCH = tl.constexpr(_wire.MISMATCH)
+    _NONFINITE = tl.constexpr(_wire.NONFINITE)
+    _SKIP = tl.constexpr(_wire.POLICIES["skip"])
+    _RAISE = tl.constexpr(_wire.POLICIES["raise"])
+    _NF = tl.constexpr(len(_wire.FIELDS))  # the header is 2 * _NF numbers before the sentinel
 
 
 def _jit(**options):

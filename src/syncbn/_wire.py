@@ -38,7 +38,7 @@ from torch import Tensor
 __all__ = [
     "BACKWARD", "CAUSES", "DIRECTIONS", "FIELDS", "FORWARD", "MIN_WIDTH", "MISMATCH",
     "NONFINITE", "NO_MEMORY", "OK", "POLICIES", "WIDEN", "LayerTag", "describe_key", "fields",
-    "header", "header_ok", "length", "mismatch_error", "pack", "parts", "payload", "width_for",
+    "header", "header_matches", "header_ok", "length", "mismatch_error", "pack", "parts", "payload", "width_for",
 ]
 
 # Directions (a header field). WIDEN: the group's buffers grow (see _comm.buffer_length).
@@ -141,6 +141,12 @@ def payload(buffer: Tensor, numbers: int) -> Tensor:
 def header(buffer: Tensor) -> Tensor:
     """``[first sentinel, (f, f**2) per field..., last sentinel]`` of a (reduced) buffer."""
     return torch.cat([buffer[:1], buffer[-2 * len(FIELDS) - 1:]])
+
+
+def header_matches(buffer: Tensor, fields: list[int], world: int) -> Tensor:
+    """:func:`header_ok` as a boolean tensor on the buffer's device (no host read)."""
+    expected = pack(buffer.new_zeros(0), fields, 2 * len(fields) + 2) * world
+    return (header(buffer) == expected).all()
 
 
 def header_ok(buffer: Tensor, fields: list[int], world: int) -> bool:

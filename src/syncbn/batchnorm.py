@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _comm, _function, _replicas, _wire
-from .functional import check_input
+from .functional import check_input, will_sync
 
 _creation_index = itertools.count(1)
 
@@ -113,6 +113,12 @@ class SyncBatchNorm(_BatchNorm):
         self._layer_id = _function.layer_id(tag)
         return tag
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy (copy.deepcopy, pickle, torch.load of a whole model) has a tag of its own: the
+        # integer the registered ops know it by must name that tag, not the original's.
+        super().__setstate__(state)
+        self._layer_id = _function.layer_id(self._tag)
+
     def layer_description(self) -> str:
         """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``."""
         name = f" '{self._layer_name}'" if self._layer_name else ""
@@ -150,7 +156,7 @@ class SyncBatchNorm(_BatchNorm):
         running_var = self.running_var if keep else None
         # The one decision: synchronize in training mode over a group of more than one rank.
         # Eval mode never synchronizes (evaluating on one rank must not wait for the others).
-        if not (self.training and _comm.group_size(self.process_group) > 1):
+        if not will_sync(self.training, self.process_group):
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 use_batch_stats, factor, self.eps)
         out = _function.SyncBatchNormFunction.apply(
