@@ -184,16 +184,16 @@ class LocalGroup:
         except BaseException:  # interrupted mid-wait: this rank is a pass ahead of the others
             self.broken = "interrupted while waiting"
             raise
-        if code == 0:
+        if code == _OK:
             return
         who = int(self._detail[0])
-        if code == 1:
+        if code == _TIMEOUT:
             why = (f"timed out after {timeout_ns / 1e9:g} s waiting for rank {who} of the group "
                    f"(shared-memory all_reduce, pass {self.seq} of this group)")
-        elif code == 2:
+        elif code == _EXITED:
             why = (f"rank {who} of the group exited while this rank waited for it "
                    f"(shared-memory all_reduce, pass {self.seq} of this group)")
-        elif code == 3:
+        elif code == _LENGTH:
             why = (f"rank {who} of the group sent {int(self._detail[1])} numbers, this rank "
                    f"{buffer.numel()}: the ranks met different collectives")
         else:
@@ -214,5 +214,6 @@ class LocalGroup:
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _LOCAL_ARGS = _kernel.ARG_FORMATS["local_allreduce"]
-_AGAIN = 5  # LOCAL_AGAIN in local.h
+# The wait's result codes, as local.h names them (LOCAL_OK ...; LOCAL_TOO_LONG = 4 is the rest).
+_OK, _TIMEOUT, _EXITED, _LENGTH, _AGAIN = 0, 1, 2, 3, 5
 

@@ -51,7 +51,7 @@ class _ThreadState(threading.local):
     replica: tuple[ReplicaGroup, int] | None = None  # (group, index) while a replica thread runs
 
 
-_local = _ThreadState()
+_thread = _ThreadState()
 _warned_torch_dp = [False]
 
 
@@ -62,7 +62,7 @@ class _Aborted(BaseException):
 
 def current() -> tuple[ReplicaGroup, int] | None:
     """``(group, replica index)`` when this thread runs a replica of ``syncbn.DataParallel``."""
-    return _local.replica
+    return _thread.replica
 
 
 def route(layer: Any, input: Tensor) -> Tensor | None:
@@ -73,7 +73,7 @@ def route(layer: Any, input: Tensor) -> Tensor | None:
     made by ``torch.nn.DataParallel`` (``torch.nn.parallel.replicate`` marks those with
     ``_is_replica = True``), whose replicas each normalize their own chunk.
     """
-    replica = _local.replica
+    replica = _thread.replica
     if replica is not None:
         group, index = replica
         return group.batch_norm(index, layer, input)
@@ -137,7 +137,7 @@ class ReplicaGroup:
     def run(self, index: int, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (replica ``index``'s forward) in this thread as that replica; its output,
         or ``None`` when it failed or was ended (see :meth:`raise_failure`)."""
-        _local.replica = (self, index)
+        _thread.replica = (self, index)
         try:
             out = fn()
         except _Aborted:
@@ -146,7 +146,7 @@ class ReplicaGroup:
             self.fail(index, exc)
             return None
         finally:
-            _local.replica = None
+            _thread.replica = None
         with self._cond:
             self._finished[index] = self._calls[index]
             self._cond.notify_all()  # a replica waiting for this one learns it will not come
