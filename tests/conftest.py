@@ -5,7 +5,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+import os
+
 import pytest
+
+# SYNCBN_KERNEL=triton (or another kernel) in the environment pins the ``kernel`` fixture to it:
+# the ranks set SYNCBN_KERNEL from the fixture, so without this an outer setting was overridden.
+_KERNELS = [os.environ["SYNCBN_KERNEL"]] if os.environ.get("SYNCBN_KERNEL") else ["fused", "aten"]
 
 
 @pytest.fixture(autouse=True)
@@ -19,9 +25,10 @@ def _fresh_settings():
     _settings.reload()
 
 
-@pytest.fixture(params=["fused", "aten"])
+@pytest.fixture(params=_KERNELS)
 def kernel(request, monkeypatch):
-    """Run a test's ranks once with the fused C kernel and once with the plain ATen path."""
+    """Run a test's ranks once with the fused C kernel and once with the plain ATen path (only
+    with ``SYNCBN_KERNEL`` when the environment sets it)."""
     import harness
 
     monkeypatch.setattr(harness, "KERNEL", request.param)
