@@ -69,3 +69,24 @@ def mixed_backends(rank: int, world_size: int, kernels: list[str], sizes: list[i
     finally:
         _function.backend_for = real
     return {"backends": sorted(set(used))}
+
+
+def triton_mismatch(rank: int, world_size: int) -> str:
+    """Triton backend (interpreted on CPU) with ranks out of step: the error must come on every
+    rank, from the backend's result code."""
+    import torch.nn as nn
+
+    from syncbn import _settings
+
+    os.environ["SYNCBN_KERNEL"] = "triton"
+    _settings.reload()
+    model = syncbn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3)))
+    x = torch.randn(4, 3)
+    try:
+        if rank == 0:
+            model(x)
+        else:
+            model[1](x)  # rank 1 skips the first layer
+    except RuntimeError as e:
+        return str(e)
+    return ""

@@ -33,3 +33,11 @@ def test_ranks_on_different_backends_agree(tmp_path, kernels, sizes, dtype, tail
     names = {"triton": "_backend_triton", "fused": "_backend_c", "aten": "_backend_torch"}
     for rank, kernel in enumerate(kernels):
         assert out[rank]["backends"] == [names[kernel]], (rank, out)
+
+
+@pytest.mark.timeout(200)
+def test_triton_ranks_out_of_step_raise_everywhere(tmp_path):
+    errors = harness.run(backend_workers.triton_mismatch, 2, tmp_path, env=ENV, fresh=True,
+                         pg_timeout=5, timeout=180)
+    for e in errors:
+        assert "syncbn: ranks are out of step at SyncBatchNorm1d(3)" in e, errors

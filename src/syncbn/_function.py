@@ -134,7 +134,8 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
         if total == 0:  # nothing to normalize and nothing to learn from
             running_mean = running_var = None
     policy = _wire.POLICIES[_settings.get().nonfinite]
-    status = _status_word(input) if getattr(backend, "STATUS_WORD", False) else None
+    status = (_status_word(input, fresh=policy == _wire.POLICIES["raise"])
+              if _wants_status(backend, input) else None)
     out, stats, code = backend.forward_apply(input, buffer, world, fields, weight, bias,
                                              running_mean, running_var, eps, momentum, policy,
                                              status)
@@ -147,11 +148,28 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     return out, stats
 
 
-def _status_word(input: Tensor) -> Tensor:
+def _wants_status(backend: Any, input: Tensor) -> bool:
+    """A device status word for a backend that takes one (``STATUS_WORD``), off the CPU; on the
+    CPU (Triton's interpreter) the backend returns its code, which costs no device sync."""
+    return getattr(backend, "STATUS_WORD", False) and not input.is_cpu
+
+
+def _status_word(input: Tensor, fresh: bool) -> Tensor:
     """Where a backend that says ``STATUS_WORD = True`` (Triton) puts its result code without
-    a host sync (the header itself is checked one pass late, :func:`_comm.defer_check`); the
-    other backends return their codes directly."""
-    return torch.zeros(1, dtype=torch.int32, device=input.device)
+    a host sync; the other backends return their codes directly. The host reads it only under
+    ``SYNCBN_NONFINITE=raise`` (``fresh``: a zeroed word, one fill kernel); otherwise the header
+    is checked one pass late (:func:`_comm.defer_check`) and the word is a per-device scratch
+    that nobody reads (no kernel per pass)."""
+    if fresh:
+        return torch.zeros(1, dtype=torch.int32, device=input.device)
+    word = _scratch_words.get(input.device)
+    if word is None:
+        word = _scratch_words[input.device] = torch.zeros(1, dtype=torch.int32,
+                                                          device=input.device)
+    return word
+
+
+_scratch_words: dict[torch.device, Tensor] = {}
 
 
 def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, stats: Tensor,
@@ -182,9 +200,8 @@ def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, sta
         world = _comm.all_reduce(buffer, process_group, tag, _wire.BACKWARD, 2 * channels,
                                  tuple(input.shape))
         grad_input, code = backend.backward_apply(dy, input, stats, weight, buffer, world, fields,
-                                                  _status_word(input)
-                                                  if getattr(backend, "STATUS_WORD", False)
-                                                  else None)
+                                                  _status_word(input, fresh=False)
+                                                  if _wants_status(backend, input) else None)
         if code:
             _raise(code, buffer, fields, tag, _wire.BACKWARD, process_group)
         if buffer.is_cuda:
