@@ -84,12 +84,13 @@ def compiled_sync_training(rank: int, world_size: int, cfg: dict[str, Any]) -> d
     expected = reference(sizes, steps)
     state = model.state_dict()
     for key, value in expected.items():
-        assert_matches(state[key].double(), value, torch.float64, f"rank {rank} {key} (compiled)")
+        assert_matches(state[key].double().cpu(), value, torch.float64,
+                       f"rank {rank} {key} (compiled)")
     return {"error": None, "seconds": elapsed}
 
 
 def fullgraph_training(rank: int, world_size: int, sizes: list[int], steps: int,
-                       backend: str) -> dict[str, Any]:
+                       backend: str, device: str = "cpu") -> dict[str, Any]:
     """A synchronized model compiled with ``fullgraph=True`` (no graph break allowed) trained on
     this rank's shard: per step, equal to the same model in eager mode on this rank (losses, and
     every parameter and buffer after training), and to plain BatchNorm on the concatenated
@@ -99,15 +100,16 @@ def fullgraph_training(rank: int, world_size: int, sizes: list[int], steps: int,
 
     torch._dynamo.reset()
     lo = sum(sizes[:rank])
-    shards = [(x[lo:lo + sizes[rank]], y[lo:lo + sizes[rank]]) for x, y in global_batches(sizes, steps)]
+    shards = [(x[lo:lo + sizes[rank]].to(device), y[lo:lo + sizes[rank]].to(device))
+              for x, y in global_batches(sizes, steps)]
     scale = world_size / sum(sizes)
-    eager = syncbn.convert_sync_batchnorm(make_net())
+    eager = syncbn.convert_sync_batchnorm(make_net()).to(device)
     eager_losses = train(eager, shards, scale, world_size)
-    model = syncbn.convert_sync_batchnorm(make_net())
+    model = syncbn.convert_sync_batchnorm(make_net()).to(device)
     try:
         losses = train(torch.compile(model, backend=backend, fullgraph=True), shards, scale,
                        world_size)
-        probe = syncbn.convert_sync_batchnorm(make_net())  # every rank runs explain: it syncs
+        probe = syncbn.convert_sync_batchnorm(make_net()).to(device)  # every rank: it syncs
         explained = torch._dynamo.explain(probe)(shards[0][0])
     finally:
         torch._dynamo.reset()
@@ -115,7 +117,8 @@ def fullgraph_training(rank: int, world_size: int, sizes: list[int], steps: int,
         assert abs(a - b) <= 1e-12 * max(1.0, abs(b)), f"rank {rank} step {step}: loss {a} vs eager {b}"
     expected, state, eager_state = reference(sizes, steps), model.state_dict(), eager.state_dict()
     for key, value in expected.items():
-        assert_matches(state[key].double(), value, torch.float64, f"rank {rank} {key} (compiled)")
+        assert_matches(state[key].double().cpu(), value, torch.float64,
+                       f"rank {rank} {key} (compiled)")
         torch.testing.assert_close(state[key], eager_state[key], rtol=1e-12, atol=1e-12,
                                    msg=lambda m, key=key: f"rank {rank} {key}: compiled vs eager: {m}")
     assert int(model[1].num_batches_tracked) == steps

@@ -86,6 +86,19 @@ def test_compile_inductor_sync_path_equals_reference(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.cuda
+def test_compile_fullgraph_sync_path_on_cuda(tmp_path):
+    """The same on CUDA tensors (NCCL with a GPU per rank, else gloo reducing CUDA tensors)."""
+    reason = harness.cuda_skip_reason(2)
+    if reason:
+        pytest.skip(reason)
+    out = harness.run(cw.fullgraph_training, 2, tmp_path, [3, 2], STEPS, "aot_eager", "cuda",
+                      device="cuda", backend=harness.cuda_backend(2), fresh=True, timeout=240)
+    for rank in out:
+        assert rank["graph_breaks"] == 0 and rank["graphs"] == 1, out
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("sizes", [[3, 2], [3, 0, 2]], ids=["2-ranks", "3-ranks-one-empty"])
 @pytest.mark.parametrize("shm", ["auto", "off"], ids=["shm", "gloo"])
 def test_compile_fullgraph_sync_path_equals_eager_and_reference(tmp_path, sizes, shm):
