@@ -139,7 +139,7 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     out, stats, code = backend.forward_apply(input, buffer, world, fields, weight, bias,
                                              running_mean, running_var, eps, momentum, policy,
                                              status)
-    if code is None and policy == _wire.POLICIES["raise"]:
+    if code is None and status is not None and policy == _wire.POLICIES["raise"]:
         code = int(status.item())  # a device sync on GPU, as documented for this policy
     if code:
         _raise(code, buffer, fields, tag, _wire.FORWARD, process_group)
@@ -260,8 +260,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             gi, gw, gb = torch.ops.syncbn.backward(grad_output, input, weight, stats, ctx.group,
                                                    ctx.layer, need_input, need_weight, need_bias,
                                                    bias_dtype or input.dtype)
-            grads = (gi if need_input else None, gw if need_weight else None,
-                     gb if need_bias else None)
+            grads: tuple[Tensor | None, ...] = (gi if need_input else None,
+                                                gw if need_weight else None,
+                                                gb if need_bias else None)
         else:
             grads = backward_pass(grad_output, input, weight, stats, ctx.process_group, ctx.tag,
                                   need_input, weight_dtype, bias_dtype, ctx.backend)
