@@ -47,8 +47,11 @@ def forward_apply(x: Tensor, buffer: Tensor, world: int, fields: list[int],
     mean, var, count = _stats.global_mean_var(moments, channels)
     if running_mean is not None or running_var is not None:
         # On a device the header is checked on the host one pass late: until then, a buffer
-        # whose header disagrees must not reach the running statistics (checked here, no sync).
-        valid = None if buffer.is_cpu else _wire.header_matches(buffer, fields, world)
+        # whose header disagrees must not reach the running statistics, nor a global count
+        # below 2 (the host does not read it under CUDA-graph capture): decided there, no sync.
+        valid = None
+        if not buffer.is_cpu:
+            valid = _wire.header_matches(buffer, fields, world) & (count >= 2)
         _stats.update_running_stats(running_mean, running_var, mean, var, count, momentum,
                                     keep_nonfinite=policy != _wire.POLICIES["skip"], valid=valid)
     invstd = torch.rsqrt(var + eps)

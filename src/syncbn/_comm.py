@@ -40,7 +40,8 @@ from torch import Tensor
 from . import _settings, _shm, _wire
 
 __all__ = [
-    "all_reduce", "backend_name", "buffer_length", "check_pending", "collective_seconds",
+    "all_reduce", "backend_name", "buffer_length", "capturing", "check_pending",
+    "collective_seconds",
     "compiling", "defer_check", "describe_group", "group_size", "resolve", "transport",
     "verify",
 ]
@@ -66,6 +67,12 @@ def collective_seconds() -> float:
     """Seconds this process has spent inside syncbn's collectives so far (host wall time of the
     ``all_reduce`` calls: the wait for the other ranks and the transfer; on GPU, the launch)."""
     return _waited[0]
+
+
+def capturing(t: Tensor) -> bool:
+    """True while a CUDA graph is captured on ``t``'s device (no host reads, no event queries:
+    the replays run without the host)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def compiling() -> bool:
@@ -138,8 +145,8 @@ def all_reduce(buffer: Tensor, process_group: Any | None, tag: _wire.LayerTag, d
     """THE collective: sum ``buffer`` (a packed float64 buffer of :func:`buffer_length`) over the
     group, in place; errors are rewrapped naming the layer. Returns the group's size (the header
     check needs it). ``payload_size`` and ``shape`` are only reported, in debug mode."""
-    if _pending:  # earlier CUDA passes' headers (this runs eagerly, also inside registered ops)
-        check_pending()
+    if _pending and not capturing(buffer):  # earlier CUDA passes' headers (this runs eagerly,
+        check_pending()  # also inside registered ops; not while a CUDA graph is captured)
     pg = resolve(process_group)
     world = pg.size() if isinstance(pg, _ProcessGroup) else group_size(pg)
     if world == 1:
@@ -181,7 +188,8 @@ _EXIT_HINT = ("Another rank's process ended while this rank waited for it: it cr
               "was killed (its own error or log says why), or it finished without ever reaching "
               "this layer. " + _wire.CAUSES)
 _LENGTH_HINT = ("The ranks met different collectives: another rank was not in a syncbn layer of "
-                "this kind (e.g. a collective of its own, or another syncbn version). " + _wire.CAUSES)
+                "this kind (e.g. a collective of its own, or another syncbn version). "
+                + _wire.CAUSES)
 
 
 def _hint(message: str) -> str:

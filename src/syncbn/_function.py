@@ -6,7 +6,7 @@ Each direction is ``reduce -> one all_reduce -> apply``::
               _comm.all_reduce         the one collective               (2C + 1 numbers + header)
               backend.forward_apply    header check, global mean/invstd, running statistics,
                                        normalize                        -> out, stats
-    backward: backend.backward_reduce  local sum(dy), sum(dy * xhat)    -> buffer; local dweight, dbias
+    backward: backend.backward_reduce  local sum(dy), sum(dy * xhat)    -> buffer; local dw, db
               _comm.all_reduce         the one collective               (2C numbers + header)
               backend.backward_apply   header check, grad_input
 
@@ -122,8 +122,11 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
                              tuple(input.shape))
     # The global count is read on the host only when this shard alone cannot prove it is >= 2
     # (a shard of 0 or 1 values per channel): a rare device sync, and every rank of a global
-    # batch of 1 value takes this branch, so all of them raise together.
-    if _stats.local_count(input) <= 1:
+    # batch of 1 value takes this branch, so all of them raise together. Under CUDA-graph
+    # capture there is no host: the backends then skip the running statistics of a global
+    # count below 2 on the device (a global batch of 1 value is not an error there).
+    capturing = _comm.capturing(buffer)
+    if _stats.local_count(input) <= 1 and not capturing:
         _comm.verify(buffer, fields, tag, _wire.FORWARD, process_group)
         total = int(buffer[2 * channels + 1].item())
         if total == 1:
@@ -139,11 +142,12 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     out, stats, code = backend.forward_apply(input, buffer, world, fields, weight, bias,
                                              running_mean, running_var, eps, momentum, policy,
                                              status)
-    if code is None and status is not None and policy == _wire.POLICIES["raise"]:
+    if code is None and status is not None and not capturing and (
+            policy == _wire.POLICIES["raise"]):
         code = int(status.item())  # a device sync on GPU, as documented for this policy
     if code:
         _raise(code, buffer, fields, tag, _wire.FORWARD, process_group)
-    if buffer.is_cuda:
+    if buffer.is_cuda and not capturing:
         _comm.defer_check(buffer, fields, tag, _wire.FORWARD, process_group)
     return out, stats
 
@@ -204,7 +208,7 @@ def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, sta
                                                   if _wants_status(backend, input) else None)
         if code:
             _raise(code, buffer, fields, tag, _wire.BACKWARD, process_group)
-        if buffer.is_cuda:
+        if buffer.is_cuda and not _comm.capturing(buffer):
             _comm.defer_check(buffer, fields, tag, _wire.BACKWARD, process_group)
     return grad_input, grad_weight, grad_bias
 
