@@ -45,6 +45,17 @@ Sections (``--only``, comma-separated; default: all, in this order):
   (syncbn triton and aten from the float64 ``stats`` and from the running_var buffer; torch's
   from its running_var). Target: < 1e-6.
 * ``gloo``: 2 ranks over gloo sharing the GPU, a few shapes: syncbn-triton vs torch SyncBN.
+* ``resnet``: one training step (forward, cross-entropy, backward, SGD step) of a hand-written
+  ResNet-50 (bottlenecks [3, 4, 6, 3], widths 64..2048, 53 BatchNorm2d), ``--resnet-batch``
+  x3x224x224 (default 32), channels_last, ``torch.autocast("cuda", dtype=torch.bfloat16)``,
+  ``torch.compile(model)`` (inductor; the syncbn variants first with ``fullgraph=True``, falling
+  back to the default with the error printed). Variants, timed one after another (compile and
+  warm-up, then the median of ``--iters`` steps, CUDA events): plain ``nn.BatchNorm2d``, then
+  ``syncbn.convert_sync_batchnorm`` with ``SYNCBN_KERNEL=triton`` and ``=aten``, synchronizing
+  on 1 rank with the collective forced (as above). Target: triton/plain <= 1.02. ``--budget``:
+  plain and triton start while time is left; aten only if the time triton took is still left.
+  ``--cpu-smoke``: width 8, one bottleneck per stage, batch 2, 32x32, float32 (no autocast),
+  backend ``aot_eager``, 2 timed steps (the interpreter: ~1 min).
 """
 
 # ruff: noqa: B023  (closures over loop variables are called within their own iteration)
@@ -54,6 +65,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import math
 import os
 import re
 import statistics
@@ -71,7 +83,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from layer import SHAPES  # noqa: E402  (the ResNet-50 shapes, one source)
 
-SECTIONS = ("table", "counts", "nosync", "graphs", "compile", "numerics", "gloo")
+SECTIONS = ("table", "counts", "nosync", "graphs", "compile", "numerics", "gloo", "resnet")
 EPS, MOMENTUM = 1e-5, 0.1
 SMOKE_SHAPES = [(4, 8, 3, 3), (6, 16)]
 
@@ -694,6 +706,166 @@ def section_gloo(run: Run) -> None:
                        nprocs=2, join=True, start_method="spawn")
 
 
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride) -> 1x1 (x4), BN after each conv, projection shortcut when needed."""
+
+    def __init__(self, cin: int, mid: int, stride: int) -> None:
+        super().__init__()
+        cout = 4 * mid
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.down is None else self.down(x)))
+
+
+def resnet50(width: int = 64, num_classes: int = 1000,
+             depths: tuple[int, ...] = (3, 4, 6, 3)) -> nn.Sequential:
+    """ResNet-50-style: 7x7/2 stem + BN + max-pool, bottleneck stages ``depths`` of widths
+    ``width * (1, 2, 4, 8)`` (outputs x4: 256..2048 at width 64), average pool, linear."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                               nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = width
+    for i, (blocks, mult) in enumerate(zip(depths, (1, 2, 4, 8))):
+        for j in range(blocks):
+            layers.append(Bottleneck(cin, width * mult, 2 if i > 0 and j == 0 else 1))
+            cin = 4 * width * mult
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def resnet_variant(run: Run, name: str, k: str | None, shape: tuple[int, ...]) -> float:
+    """Build, compile, warm up and time one variant; print its line; the median step ms."""
+    import syncbn
+
+    smoke = run.args.cpu_smoke
+    torch._dynamo.reset()  # variants run one after another: no stale graphs, no cache limits
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch.manual_seed(0)
+    model = resnet50(8, depths=(1, 1, 1, 1)) if smoke else resnet50(64)
+    model = model.to(run.device).to(memory_format=torch.channels_last)
+    if k:
+        kernel(k)
+        # the default group (run.group, the 1-rank WORLD): an explicit process_group breaks
+        # fullgraph=True (_function.group_id writes/reads a WeakValueDictionary while dynamo
+        # traces: "does not know how to trace ... KeyedRef")
+        model = syncbn.convert_sync_batchnorm(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g).to(run.device).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (shape[0],), generator=g).to(run.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    backend = "aot_eager" if smoke else "inductor"
+    autocast = (contextlib.nullcontext() if smoke
+                else torch.autocast("cuda", dtype=torch.bfloat16))
+    losses: list[float] = []
+
+    def make_step(compiled: Callable[..., Any]) -> Callable[[], torch.Tensor]:
+        def train_step() -> torch.Tensor:
+            with autocast:
+                loss = F.cross_entropy(compiled(x).float(), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+        return train_step
+
+    mode = "default"
+    t0 = time.perf_counter()
+    if k:  # syncbn's ops are registered for dynamo: try one graph first
+        try:
+            train_step = make_step(torch.compile(model, backend=backend, fullgraph=True))
+            losses.append(train_step().item())
+            mode = "fullgraph=True"
+        except Exception as e:
+            print(f"   {name}: fullgraph=True FAILED ({type(e).__name__}: {first_lines(e, 4)}); "
+                  "compiling with graph breaks allowed")
+            torch._dynamo.reset()
+            opt.zero_grad(set_to_none=True)
+    if not losses:
+        train_step = make_step(torch.compile(model, backend=backend))
+        losses.append(train_step().item())
+    run.sync()
+    first = time.perf_counter() - t0
+    for _ in range(0 if smoke else run.args.warmup):
+        train_step()
+    times: list[float] = []
+    for _ in range(2 if smoke else run.args.iters):
+        if run.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = train_step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t1 = time.perf_counter()
+            loss = train_step()
+            times.append((time.perf_counter() - t1) * 1e3)
+    losses.append(loss.item())
+    breaks = sum(counters["graph_break"].values())
+    ms = statistics.median(times)
+    print(f"   {name:>7}: {ms:9.3f} ms/step (median of {len(times)}; min {min(times):.3f}); "
+          f"compile + first step {first:.1f} s; torch.compile {mode}, {breaks} graph break(s); "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    if not all(math.isfinite(v) for v in losses):
+        print(f"   {name}: loss not finite: {losses}")
+    return ms
+
+
+def section_resnet(run: Run) -> None:
+    """7. a compiled ResNet-50 training step: syncbn synchronizing vs plain BatchNorm."""
+    smoke = run.args.cpu_smoke
+    shape = (2, 3, 32, 32) if smoke else (run.args.resnet_batch, 3, 224, 224)
+    force_module_sync()
+    print(f"input {'x'.join(map(str, shape))} channels_last, "
+          + ("float32, backend aot_eager (--cpu-smoke: width 8, one block per stage)" if smoke else
+             "bf16 autocast, backend inductor")
+          + "; step = forward + cross-entropy + backward + SGD(momentum) step; syncbn: 1 rank, "
+          f"collective forced ({'NCCL' if run.cuda else 'gloo'}); "
+          + ("2 timed steps after the compiling one" if smoke else
+             f"{run.args.warmup} warm-up steps after the compiling one"))
+    ms: dict[str, float] = {}
+    took = 0.0
+    if smoke:  # the interpreter: 53 layers, so the default (large) tiles, 2 programs
+        import syncbn._backend_triton as bt
+
+        bt.tuning = bt.Tuning(programs=2)
+    for name, k, required in (("plain", None, True), ("triton", "triton", True),
+                              ("aten", "aten", False)):
+        need = 0.0 if required else took
+        if run.left() < need:
+            print(f"   {name:>7}: skipped (--budget {run.args.budget} s: {max(run.left(), 0):.0f} s "
+                  f"left, the last variant took {took:.0f} s)")
+            continue
+        t0 = time.perf_counter()
+        try:
+            ms[name] = resnet_variant(run, name, k, shape)  # its model is freed on return
+            if run.cuda:
+                torch.cuda.empty_cache()
+        except Exception as e:
+            print(f"   {name:>7}: FAILED: {type(e).__name__}: {first_lines(e, 6)}")
+            print("   at: " + where(e))
+        took = time.perf_counter() - t0
+    if "plain" in ms:
+        for name in ("triton", "aten"):
+            if name in ms:
+                r = ms[name] / ms["plain"]
+                verdict = "met" if r <= 1.02 else "NOT met"
+                print(f"   {name}/plain = {r:.3f} (target <= 1.02x: {verdict}"
+                      + (", --cpu-smoke: not a measurement" if smoke else "") + ")")
+
+
 # ------------------------------------------------------------------------------------ helpers
 def first_lines(e: BaseException, n: int = 3) -> str:
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
@@ -727,7 +899,10 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=50, help="timed iterations per contender")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up calls per contender")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds after which the table skips its remaining rows")
+                        help="seconds after which the table skips its remaining rows (and the "
+                             "resnet section its remaining variants)")
+    parser.add_argument("--resnet-batch", type=int, default=32,
+                        help="batch of the resnet section's 3x224x224 input (default 32)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="no GPU: run the sections' code on CPU through Triton's "
                              "interpreter with tiny shapes (CUDA-only sections say skipped)")
