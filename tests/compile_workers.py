@@ -90,7 +90,8 @@ def compiled_sync_training(rank: int, world_size: int, cfg: dict[str, Any]) -> d
 
 
 def fullgraph_training(rank: int, world_size: int, sizes: list[int], steps: int,
-                       backend: str, device: str = "cpu") -> dict[str, Any]:
+                       backend: str, device: str = "cpu",
+                       own_group: bool = False) -> dict[str, Any]:
     """A synchronized model compiled with ``fullgraph=True`` (no graph break allowed) trained on
     this rank's shard: per step, equal to the same model in eager mode on this rank (losses, and
     every parameter and buffer after training), and to plain BatchNorm on the concatenated
@@ -103,9 +104,11 @@ def fullgraph_training(rank: int, world_size: int, sizes: list[int], steps: int,
     shards = [(x[lo:lo + sizes[rank]].to(device), y[lo:lo + sizes[rank]].to(device))
               for x, y in global_batches(sizes, steps)]
     scale = world_size / sum(sizes)
-    eager = syncbn.convert_sync_batchnorm(make_net()).to(device)
+    # own_group: the layers synchronize over an explicit group (every rank makes it, in order)
+    group = dist.new_group(list(range(world_size))) if own_group else None
+    eager = syncbn.convert_sync_batchnorm(make_net(), group).to(device)
     eager_losses = train(eager, shards, scale, world_size)
-    model = syncbn.convert_sync_batchnorm(make_net()).to(device)
+    model = syncbn.convert_sync_batchnorm(make_net(), group).to(device)
     try:
         losses = train(torch.compile(model, backend=backend, fullgraph=True), shards, scale,
                        world_size)

@@ -110,6 +110,16 @@ def test_compile_fullgraph_sync_path_equals_eager_and_reference(tmp_path, sizes,
         assert rank["graph_breaks"] == 0 and rank["graphs"] == 1, out
 
 
+@pytest.mark.timeout(300)
+def test_compile_fullgraph_with_an_explicit_process_group(tmp_path):
+    """convert_sync_batchnorm(model, group): the group reaches the registered ops as an integer
+    looked up when it is set, not while dynamo traces (which could not trace the lookup)."""
+    out = harness.run(cw.fullgraph_training, 2, tmp_path, [3, 2], STEPS, "aot_eager", "cpu", True,
+                      fresh=True, timeout=240)
+    for rank in out:
+        assert rank["graph_breaks"] == 0 and rank["graphs"] == 1, out
+
+
 @pytest.mark.timeout(200)
 def test_compile_fullgraph_out_of_step_raises_on_every_rank(tmp_path):
     errors = harness.run(cw.fullgraph_out_of_step, 2, tmp_path, 1, fresh=True, timeout=180)

@@ -97,6 +97,18 @@ class SyncBatchNorm(_BatchNorm):
         self._tag = self._make_tag()
 
     @property
+    def process_group(self) -> Any | None:
+        """The group this layer synchronizes over (``None``: the default group)."""
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group: Any | None) -> None:
+        # The integer the registered ops know the group by, looked up here rather than in
+        # forward (a lookup that torch.compile would have to trace).
+        self._process_group = group
+        self._group_id = _function.group_id(group)
+
+    @property
     def _layer_name(self) -> str | None:
         """Qualified name in the model (set by ``convert_sync_batchnorm``), for errors and the tag."""
         return self._name
@@ -118,6 +130,7 @@ class SyncBatchNorm(_BatchNorm):
         # integer the registered ops know it by must name that tag, not the original's.
         super().__setstate__(state)
         self._layer_id = _function.layer_id(self._tag)
+        self._group_id = _function.group_id(self._process_group)
 
     def layer_description(self) -> str:
         """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``."""
@@ -161,7 +174,7 @@ class SyncBatchNorm(_BatchNorm):
                                 use_batch_stats, factor, self.eps)
         out = _function.SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
-            _function.group_id(self.process_group), self._layer_id)
+            self._group_id, self._layer_id)
         return out  # type: ignore[no-any-return]
 
 
