@@ -49,13 +49,22 @@ def group_id(process_group: Any | None) -> int:
     if process_group is None:
         return 0
     key = id(process_group)
-    if key not in _groups:
-        _groups[key] = process_group
+    if key not in _groups and key not in _strong_groups:
+        try:
+            _groups[key] = process_group
+        except TypeError:  # an object that cannot be weakly referenced: kept
+            _strong_groups[key] = process_group
     return key
 
 
+_strong_groups: dict[int, Any] = {}
+
+
 def _group(key: int) -> Any | None:
-    return None if key == 0 else _groups[key]
+    if key == 0:
+        return None
+    group = _groups.get(key)
+    return group if group is not None else _strong_groups[key]
 
 
 def layer_id(tag: _wire.LayerTag) -> int:
