@@ -128,6 +128,9 @@ class SyncBatchNorm(_BatchNorm):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy (copy.deepcopy, pickle, torch.load of a whole model) has a tag of its own: the
         # integer the registered ops know it by must name that tag, not the original's.
+        if "_process_group" not in state:  # pickled by syncbn 0.1: a plain attribute then
+            state = {**state, "_process_group": state.get("process_group")}
+            state.pop("process_group", None)
         super().__setstate__(state)
         self._layer_id = _function.layer_id(self._tag)
         self._group_id = _function.group_id(self._process_group)
