@@ -40,7 +40,7 @@ from torch import Tensor
 from . import _settings, _shm, _wire
 
 __all__ = [
-    "all_reduce", "backend_name", "buffer_length", "capturing", "check_pending",
+    "all_reduce", "buffer_length", "capturing", "check_pending",
     "collective_seconds",
     "compiling", "defer_check", "describe_group", "group_size", "resolve", "transport",
     "verify",
@@ -104,13 +104,6 @@ def describe_group(process_group: Any | None = None) -> str:
         return "no process group"
     return (f"rank {dist.get_rank()} (rank {dist.get_rank(process_group)} of "
             f"{group_size(process_group)} in its group)")
-
-
-def backend_name(process_group: Any | None = None) -> str:
-    """Backend of the group (``"gloo"``, ``"nccl"``, ...), or ``"none"``."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return "none"
-    return str(dist.get_backend(process_group))
 
 
 def transport(process_group: Any | None = None) -> str:
