@@ -84,14 +84,14 @@ def _rank(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
 def _function_layer(module):
     """``x -> syncbn's synchronized Function`` over the 1-rank group, in the API of whichever
     syncbn revision is imported (the revision before the registered ops took a tag object)."""
-    from syncbn import _function
+    from syncbn import _pass
 
     w, b, rm, rv = module.weight, module.bias, module.running_mean, module.running_var
-    if hasattr(_function, "layer_id"):
-        ids = (_function.group_id(None), _function.layer_id(module._tag))
+    if hasattr(_pass, "layer_id"):
+        ids = (_pass.group_id(None), _pass.layer_id(module._tag))
     else:
         ids = (None, module._tag)
-    fn = lambda x: _function.SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, *ids)
+    fn = lambda x: _pass.SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, *ids)
     fn.module = module  # keeps the layer (and its tag, which the id names) alive
     return fn
 

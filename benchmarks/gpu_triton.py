@@ -192,14 +192,14 @@ def make_case(run: Run, shape: tuple[int, ...], dtype: torch.dtype, layout: str,
 def contenders(run: Run, case: dict[str, Any]) -> dict[str, tuple[str | None, Callable[[], Any]]]:
     """name -> (syncbn kernel or None, forward: the output)."""
     import syncbn
-    from syncbn._function import SyncBatchNormFunction
+    from syncbn._pass import SyncBatchNormFunction
     from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBNFunction
 
     x, w, b = case["x"], case["w"], case["b"]
     tag = syncbn._wire.LayerTag.for_layer("gpu_triton", 0, "gpu_triton")
     case["tag"] = tag  # kept alive: layer_id holds it weakly
-    layer = syncbn._function.layer_id(tag)
-    gid = syncbn._function.group_id(run.group)
+    layer = syncbn._pass.layer_id(tag)
+    gid = syncbn._pass.group_id(run.group)
     rm = {k: case["rm"].clone() for k in ("bn", "torch", "triton", "aten")}
     rv = {k: case["rv"].clone() for k in ("bn", "torch", "triton", "aten")}
     found = {
@@ -367,7 +367,7 @@ def section_counts(run: Run) -> None:
     if not run.cuda:
         print("needs CUDA (the profiler's CUDA activity): skipped")
         return
-    import syncbn._backend_triton as bt
+    import syncbn.backends.triton as bt
 
     print("per direction: kernels + collective (NCCL kernels) + copies (memcpy) + memsets; "
           "target for triton: <= 3 + 1 + <= 1. A 1-rank NCCL all_reduce may run as a copy or "
@@ -589,7 +589,7 @@ def section_compile(run: Run) -> None:
 def section_numerics(run: Run) -> None:
     """6. variance accuracy at mean/std = 1e4, float32."""
     import syncbn
-    from syncbn import _function
+    from syncbn import _pass
     from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBNFunction
 
     shape = (4, 8, 3, 3) if run.args.cpu_smoke else (8, 64, 28, 28)
@@ -613,7 +613,7 @@ def section_numerics(run: Run) -> None:
             kernel(name)
             tag = syncbn._wire.LayerTag.for_layer("numerics", 0, "numerics")
             rm, rv = torch.zeros(c, device=run.device), torch.ones(c, device=run.device)
-            _, stats = _function.forward_pass(x, w, b, rm, rv, EPS, 1.0, run.group, tag)
+            _, stats = _pass.forward_pass(x, w, b, rm, rv, EPS, 1.0, run.group, tag)
             var = 1.0 / stats[c:2 * c].double() ** 2 - EPS
             print(f"   syncbn {name:>6}: stats (float64) {rel(var, var_b):.1e}, "
                   f"running_var (float32 buffer) {rel(rv, var_u):.1e}")
@@ -637,7 +637,7 @@ def gloo_worker(rank: int, world: int, store_path: str, cpu_smoke: bool, iters: 
         smoke_tuning()
     os.environ["SYNCBN_KERNEL"] = "triton"
     import syncbn
-    from syncbn._function import SyncBatchNormFunction
+    from syncbn._pass import SyncBatchNormFunction
     from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBNFunction
 
     device = torch.device("cpu" if cpu_smoke else "cuda:0")
@@ -645,7 +645,7 @@ def gloo_worker(rank: int, world: int, store_path: str, cpu_smoke: bool, iters: 
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     group = dist.group.WORLD
-    gid = syncbn._function.group_id(group)
+    gid = syncbn._pass.group_id(group)
     cases = ([((4, 8, 3, 3), torch.float32, "contiguous")] if cpu_smoke else
              [((8, 64, 56, 56), torch.float32, "contiguous"),
               ((8, 256, 14, 14), torch.float32, "contiguous"),
@@ -668,7 +668,7 @@ def gloo_worker(rank: int, world: int, store_path: str, cpu_smoke: bool, iters: 
         b = torch.zeros(c, device=device, requires_grad=True)
         rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
         tag = syncbn._wire.LayerTag.for_layer("gloo", 0, "gloo")
-        layer = syncbn._function.layer_id(tag)
+        layer = syncbn._pass.layer_id(tag)
         fns = {"BN": lambda: F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS),
                "triton": lambda: SyncBatchNormFunction.apply(x, w, b, rm, rv, EPS, MOMENTUM, gid,
                                                             layer)}
@@ -757,7 +757,7 @@ def resnet_variant(run: Run, name: str, k: str | None, shape: tuple[int, ...]) -
     if k:
         kernel(k)
         # the default group (run.group, the 1-rank WORLD): an explicit process_group breaks
-        # fullgraph=True (_function.group_id writes/reads a WeakValueDictionary while dynamo
+        # fullgraph=True (_pass.group_id writes/reads a WeakValueDictionary while dynamo
         # traces: "does not know how to trace ... KeyedRef")
         model = syncbn.convert_sync_batchnorm(model)
     g = torch.Generator().manual_seed(1)
@@ -838,7 +838,7 @@ def section_resnet(run: Run) -> None:
     ms: dict[str, float] = {}
     took = 0.0
     if smoke:  # the interpreter: 53 layers, so the default (large) tiles, 2 programs
-        import syncbn._backend_triton as bt
+        import syncbn.backends.triton as bt
 
         bt.tuning = bt.Tuning(programs=2)
     for name, k, required in (("plain", None, True), ("triton", "triton", True),
@@ -883,7 +883,7 @@ def where(e: BaseException) -> str:
 
 def smoke_tuning() -> None:
     """Tiny tiles for the interpreter (several tiles and channel blocks, few programs)."""
-    import syncbn._backend_triton as bt
+    import syncbn.backends.triton as bt
 
     bt.tuning = bt.Tuning(elems=16, max_block_m=8, max_block_c=4, programs=2, pack_block_c=4,
                           block_z=64)

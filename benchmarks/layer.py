@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBNFunction
 
 import syncbn
-from syncbn._function import SyncBatchNormFunction
+from syncbn._pass import SyncBatchNormFunction
 
 DEVICE = "cuda"
 SHAPES = [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7), (8, 2048, 7, 7), (64, 1024)]
@@ -88,8 +88,8 @@ def main() -> None:
             w, b = bn.weight, bn.bias
             rm, rv = bn.running_mean.clone(), bn.running_var.clone()
             tag = syncbn._wire.LayerTag.for_layer("bench", 0, "bench")
-            layer = syncbn._function.layer_id(tag)
-            gid = syncbn._function.group_id(group)
+            layer = syncbn._pass.layer_id(tag)
+            gid = syncbn._pass.group_id(group)
 
             def plain():
                 bn(x).backward(dy)

@@ -18,7 +18,7 @@ def mixed_backends(rank: int, world_size: int, kernels: list[str], sizes: list[i
     """Rank r computes with backend ``kernels[r]`` (SYNCBN_KERNEL); every rank's output,
     gradients and running statistics must match plain float64 BatchNorm on the concatenated
     batch, and the running statistics must be identical across ranks of one backend. Returns the backend module each rank's passes used."""
-    from syncbn import _function, _settings
+    from syncbn import _settings, backends
 
     os.environ["SYNCBN_KERNEL"] = kernels[rank]
     _settings.reload()
@@ -31,14 +31,14 @@ def mixed_backends(rank: int, world_size: int, kernels: list[str], sizes: list[i
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
     used = []
-    real = _function.backend_for
+    real = backends.select
 
     def spy(*args: Any) -> Any:
         backend = real(*args)
-        used.append(backend.__name__.rsplit(".", 1)[-1])
+        used.append(backend[0].NAME)
         return backend
 
-    _function.backend_for = spy
+    backends.select = spy
     try:
         for step in range(steps):
             x = shards[rank].clone()
@@ -67,7 +67,7 @@ def mixed_backends(rank: int, world_size: int, kernels: list[str], sizes: list[i
                 if len(set(kernels)) == 1:
                     assert all(torch.equal(g, gathered[0]) for g in gathered), f"{where}: {key} differs"
     finally:
-        _function.backend_for = real
+        backends.select = real
     return {"backends": sorted(set(used))}
 
 

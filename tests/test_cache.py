@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 import harness
-from syncbn import _cache, _kernel
+from syncbn._native import cache as _cache
+from syncbn._native import kernel as _kernel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,10 +34,10 @@ OTHER = 65534  # nobody
 
 _LOAD = textwrap.dedent("""
     import json, warnings
-    from syncbn import _kernel
+    from syncbn._native import kernel as _kernel
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lib = _kernel.get()
+        lib = _kernel.get(warn=True)  # as SYNCBN_KERNEL=auto asks for it
         if lib is not None:  # the library works: one call of its own
             assert lib.syncbn_kernel_version() == _kernel._VERSION
     print(json.dumps({"info": _kernel.build_info(),

@@ -2,7 +2,7 @@
 
 The synchronized Function runs in a 1-rank gloo group (it skips the all_reduce there: a sum over
 one rank is the buffer itself, and the header check still runs on it), so every branch of the
-kernel and of the C backend's steps (``_backend_c.py``) is exercised without spawning ranks. Every case is compared with the float64 reference (plain ``F.batch_norm`` + autograd) and
+kernel and of the C backend's steps (``backends.fused.py``) is exercised without spawning ranks. Every case is compared with the float64 reference (plain ``F.batch_norm`` + autograd) and
 with the ATen path (``SYNCBN_KERNEL=aten``). Build and fallback behaviour (no compiler, the cache)
 is tested in subprocesses, since the kernel is loaded once per process.
 """
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import harness
 from reference import assert_matches, make_data
-from syncbn import _backend_c, _function, _kernel, _settings, _wire
+from syncbn import _pass, _settings, _wire, backends
+from syncbn._native import kernel as _kernel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,7 +50,7 @@ def process_group(tmp_path_factory):
 def spy(monkeypatch):
     """Counts the calls of the C backend's forward and backward reduce steps (which still run)."""
     calls = {"forward": 0, "backward": 0}
-    forward, backward = _backend_c.forward_reduce, _backend_c.backward_reduce
+    forward, backward = backends.fused.forward_reduce, backends.fused.backward_reduce
 
     def counting_forward(*args, **kwargs):
         calls["forward"] += 1
@@ -59,8 +60,8 @@ def spy(monkeypatch):
         calls["backward"] += 1
         return backward(*args, **kwargs)
 
-    monkeypatch.setattr(_backend_c, "forward_reduce", counting_forward)
-    monkeypatch.setattr(_backend_c, "backward_reduce", counting_backward)
+    monkeypatch.setattr(backends.fused, "forward_reduce", counting_forward)
+    monkeypatch.setattr(backends.fused, "backward_reduce", counting_backward)
     return calls
 
 
@@ -104,10 +105,10 @@ def _sync(x, dy, weight, bias, rmean, rvar, eps=1e-5, momentum=0.1) -> dict[str,
     """One forward/backward of the synchronized Function (path from SYNCBN_KERNEL, read now)."""
     _settings.reload()
     tag = _wire.LayerTag.for_layer("test_kernel", 0, "SyncBatchNorm(test_kernel)")
-    layer = _function.layer_id(tag)
+    layer = _pass.layer_id(tag)
     xl, wl, bl = (_copy(t, grad=True) for t in (x, weight, bias))
     rm, rv = _copy(rmean), _copy(rvar)
-    y = _function.SyncBatchNormFunction.apply(xl, wl, bl, rm, rv, eps, momentum, 0, layer)
+    y = _pass.SyncBatchNormFunction.apply(xl, wl, bl, rm, rv, eps, momentum, 0, layer)
     y.backward(dy)
     return {"y": y.detach(), "dx": xl.grad, "dw": None if wl is None else wl.grad,
             "db": None if bl is None else bl.grad, "running_mean": rm, "running_var": rv}
@@ -387,7 +388,8 @@ _CHILD = textwrap.dedent("""
     import datetime, json, sys, warnings
     import torch
     import torch.distributed as dist
-    from syncbn import _function, _kernel, _wire
+    from syncbn import _pass, _wire
+    from syncbn._native import kernel as _kernel
 
     store, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", store=dist.FileStore(store, 1), rank=0, world_size=1,
@@ -400,8 +402,8 @@ _CHILD = textwrap.dedent("""
         for step in range(2):  # the second pass must not warn again
             xl = x.clone().requires_grad_()
             tag = _wire.LayerTag.for_layer("child", 0, "SyncBatchNorm(child)")
-            layer = _function.layer_id(tag)
-            y = _function.SyncBatchNormFunction.apply(xl, None, None, None, None, 1e-5, 0.1,
+            layer = _pass.layer_id(tag)
+            y = _pass.SyncBatchNormFunction.apply(xl, None, None, None, None, 1e-5, 0.1,
                                                          0, layer)
             y.backward(dy)
     torch.save({"x": x, "dy": dy, "y": y.detach(), "dx": xl.grad}, out)
@@ -457,7 +459,7 @@ def test_no_compiler_fused_raises(tmp_path):
                         SYNCBN_KERNEL="fused")
     assert proc.returncode != 0, _explain(proc)
     # the traceback's last line (torch.distributed may prefix it with "[rank0]: ")
-    lines = [ln for ln in proc.stderr.splitlines() if "syncbn._kernel.KernelUnavailable: " in ln]
+    lines = [ln for ln in proc.stderr.splitlines() if "syncbn._native.kernel.KernelUnavailable: " in ln]
     assert len(lines) == 1, _explain(proc)
     last = lines[0]
     print(last)

@@ -250,11 +250,28 @@ def test_api_reference_is_current():
     assert done.returncode == 0, "docs/api.md is stale: run `python docs/make_api.py`" + done.stderr
 
 
-@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf", "1e30"])
 def test_bad_poll_setting_names_itself(monkeypatch, value):
-    """SYNCBN_POLL_US must be a number of microseconds >= 0."""
+    """SYNCBN_POLL_US must be a finite number of microseconds in its stated range."""
     monkeypatch.setenv("SYNCBN_POLL_US", value)
-    with pytest.raises(ValueError, match=rf"SYNCBN_POLL_US: expected a number of microseconds >= 0, got '{value}'"):
+    with pytest.raises(ValueError, match=rf"SYNCBN_POLL_US: expected a finite number from 0 to 1e\+07, got '{value}'"):
+        _settings.reload()
+        _settings.get()
+
+
+@pytest.mark.parametrize("value,expected", [("1", 1), ("true", 1), ("YES", 1), ("On", 1), ("2", 2),
+                                            ("0", 0), ("false", 0), ("No", 0), ("OFF", 0), ("", 0)])
+def test_debug_setting_reads_booleans(monkeypatch, value, expected):
+    """SYNCBN_DEBUG=false (or off, no) is off, not on (any case)."""
+    monkeypatch.setenv("SYNCBN_DEBUG", value)
+    _settings.reload()
+    assert _settings.get().debug == expected
+
+
+@pytest.mark.parametrize("name", ["SYNCBN_DEBUG", "SYNCBN_FORCE_SYNC"])
+def test_bad_boolean_setting_names_itself(monkeypatch, name):
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(ValueError, match=rf"{name}: expected .*got 'maybe'"):
         _settings.reload()
         _settings.get()
 
@@ -289,10 +306,10 @@ def test_a_copied_layer_has_its_own_registered_tag():
     import copy
     import pickle
 
-    from syncbn import _function
+    from syncbn import _pass
 
     layer = syncbn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)))[0]
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert clone._tag is not layer._tag
-        assert _function._tags[clone._layer_id] is clone._tag
+        assert _pass._tags[clone._layer_id] is clone._tag
         assert clone._tag.key == layer._tag.key  # the same layer of the same model

@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from syncbn import _kernel, _local
+from syncbn import _local
+from syncbn._native import kernel as _kernel
 
 pytestmark = pytest.mark.timeout(60)
 

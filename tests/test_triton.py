@@ -1,4 +1,4 @@
-"""The Triton backend (``_backend_triton.py``), run by Triton's interpreter on CPU tensors.
+"""The Triton backend (``backends.triton.py``), run by Triton's interpreter on CPU tensors.
 
 W ranks are simulated in one process: every shard writes its own buffer (``forward_reduce``),
 the buffers are summed (the all_reduce: the same sum for every rank), then every shard applies
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton backend "
-                                              "(syncbn._backend_triton) is not tested")
+                                              "(syncbn.backends.triton) is not tested")
 
 from reference import (  # noqa: E402
     TOLERANCES,
@@ -33,7 +33,7 @@ from reference import (  # noqa: E402
     torch_grad_input_error,
 )
 
-import syncbn._backend_triton as bt  # noqa: E402  (imports no triton: kernels are built lazily)
+import syncbn.backends.triton as bt  # noqa: E402  (imports no triton: kernels are built lazily)
 from syncbn import _stats  # noqa: E402
 
 OK, MISMATCH, NONFINITE = 0, 1, 2
@@ -132,7 +132,7 @@ def test_kernels_run_interpreted():
 
 
 def test_import_does_not_import_triton():
-    code = ("import sys, syncbn._backend_triton as b; "
+    code = ("import sys, syncbn.backends.triton as b; "
             "assert 'triton' not in sys.modules, 'triton imported at import time'; "
             "print(b.launches())")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from syncbn import _backend_c, _backend_torch, _stats, _wire
+from syncbn import _stats, _wire, backends
 
 CHANNELS = 4
 TAG = _wire.LayerTag.for_layer("features.bn1", 0, "SyncBatchNorm1d(4) 'features.bn1'")
@@ -85,7 +85,7 @@ def test_python_check_catches_every_rank(world, field):
         else:
             assert f"{field}: this rank {f[k]}, the mean over ranks {BASE[k]:g}" in text, text
         # the torch backend's apply step uses the same check
-        _, _, code = _backend_torch.forward_apply(_shards(world)[r], buffer, world, f, None,
+        _, _, code = backends.aten.forward_apply(None, _shards(world)[r], buffer, world, f, None,
                                                   None, None, None, 1e-5, 0.1, 0)
         assert code == _wire.MISMATCH, (field, world, r)
 
@@ -102,8 +102,8 @@ def test_python_check_passes_agreeing_ranks(world):
 
 
 def _c_kernel_or_skip(x: torch.Tensor, *params: torch.Tensor | None) -> None:
-    if not _backend_c.applies(x, *params):
-        from syncbn import _kernel
+    if not backends.fused.applies(x, *params) or not backends.fused.load(required=False):
+        from syncbn._native import kernel as _kernel
 
         reason = f"the fused C kernel is not loaded here: {_kernel.build_info()['error']}"
         print(reason)
@@ -111,13 +111,13 @@ def _c_kernel_or_skip(x: torch.Tensor, *params: torch.Tensor | None) -> None:
 
 
 def _c_forward(x, buffer, world, f, running_mean=None, running_var=None):
-    return _backend_c.forward_apply(x, buffer, world, f, None, None, running_mean, running_var,
+    return backends.fused.forward_apply(backends.fused.applies(x), x, buffer, world, f, None, None, running_mean, running_var,
                                     1e-5, 0.1, _wire.POLICIES["propagate"])
 
 
 def _c_backward(x, buffer, world, f, stats):
     dy = torch.ones_like(x)
-    return _backend_c.backward_apply(dy, x, stats, None, buffer, world, f)
+    return backends.fused.backward_apply(backends.fused.applies(x), dy, x, stats, None, buffer, world, f)
 
 
 def _agreeing_stats(world: int) -> torch.Tensor:

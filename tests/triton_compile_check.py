@@ -23,7 +23,7 @@ import torch
 
 def record_launches() -> list[tuple[object, dict[str, object]]]:
     """Run the backend's passes on small CPU tensors, recording (kernel, {param: value})."""
-    import syncbn._backend_triton as bt
+    import syncbn.backends.triton as bt
 
     seen: list[tuple[object, dict[str, object]]] = []
 

@@ -222,17 +222,17 @@ def exactness(rank: int, world_size: int, cfg: Exactness) -> dict[str, Any]:
 
 def _count_fused_passes() -> list[int]:
     """Count the forwards that take the fused kernel (wraps it for the rest of this task)."""
-    from syncbn import _backend_c
+    from syncbn import backends
 
     calls = [0]
-    original = getattr(_backend_c.forward_reduce, "__wrapped__", _backend_c.forward_reduce)
+    original = getattr(backends.fused.forward_reduce, "__wrapped__", backends.fused.forward_reduce)
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
         return original(*args, **kwargs)
 
     counted.__wrapped__ = original  # type: ignore[attr-defined]
-    _backend_c.forward_reduce = counted
+    backends.fused.forward_reduce = counted
     return calls
 
 

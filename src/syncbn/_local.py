@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from . import _cache, _kernel
+from ._native import cache as _cache
+from ._native import kernel as _kernel
 
 __all__ = ["LocalError", "LocalGroup", "available", "directory", "new_path", "segment_bytes",
            "sweep_stale"]

@@ -2,7 +2,8 @@
 
 Every ``SYNCBN_*`` variable that changes how a pass runs is read and validated together, the first
 time a pass asks for them (:func:`get`); a wrong value is a ``ValueError`` naming the variable.
-A process that changes the environment afterwards calls :func:`reload` (tests do).
+A process that changes the environment afterwards calls :func:`reload` (tests do). Booleans take
+``1/0``, ``true/false``, ``yes/no``, ``on/off`` in any case; numbers must be finite and in range.
 
 >>> import os
 >>> os.environ["SYNCBN_NONFINITE"] = "skip"
@@ -11,19 +12,26 @@ A process that changes the environment afterwards calls :func:`reload` (tests do
 >>> del os.environ["SYNCBN_NONFINITE"]
 >>> reload(); get().nonfinite
 'propagate'
+>>> os.environ["SYNCBN_DEBUG"] = "off"
+>>> reload(); get().debug
+0
+>>> del os.environ["SYNCBN_DEBUG"]; reload()
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
-__all__ = ["KERNELS", "NONFINITE", "SHM", "Settings", "get", "reload"]
+__all__ = ["KERNELS", "NONFINITE", "SHM", "Settings", "current", "get", "reload"]
 
 KERNELS = ("auto", "fused", "aten", "triton")
 SHM = ("auto", "off")
 NONFINITE = ("propagate", "skip", "raise")
 _POLL_DEFAULT_US = 2000.0
+_POLL_MAX_US = 10e6  # 10 s: a poll budget beyond the usual group timeouts means nothing
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,12 @@ class Settings:
     poll_us: float = _POLL_DEFAULT_US  # SYNCBN_POLL_US: poll a CPU collective before blocking
     debug: int = 0  # SYNCBN_DEBUG: 0 off, 1 per-rank views, 2 also log every sync
     nonfinite: str = "propagate"  # SYNCBN_NONFINITE: what NaN/Inf statistics do
+    force_sync: bool = False  # SYNCBN_FORCE_SYNC: synchronize on a one-rank group too (benchmarks)
+
+    def wire(self) -> tuple[int, str, str]:
+        """The settings that change what a rank sends or expects (checked across the ranks of
+        a group at its set-up: they must agree)."""
+        return self.debug, self.nonfinite, self.shm
 
 
 def _choice(name: str, choices: tuple[str, ...]) -> str:
@@ -44,34 +58,59 @@ def _choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}: expected a boolean (1/0, true/false, yes/no, on/off), got {raw!r}")
+
+
+def _debug() -> int:
+    """SYNCBN_DEBUG: a boolean, or 2 (also log every sync)."""
+    raw = os.environ.get("SYNCBN_DEBUG", "")
+    if raw.strip() == "2":
+        return 2
+    try:
+        return int(_flag("SYNCBN_DEBUG"))
+    except ValueError:
+        raise ValueError("SYNCBN_DEBUG: expected 0/1/2 or a boolean (true/false, yes/no, on/off), "
+                         f"got {raw!r}") from None
+
+
+def _number(name: str, default: float, low: float, high: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name}: expected a finite number from {low:g} to {high:g}, got {raw!r}")
+    return value
+
+
 def _read() -> Settings:
-    raw = os.environ.get("SYNCBN_POLL_US") or ""
-    try:
-        poll = float(raw) if raw else _POLL_DEFAULT_US
-    except ValueError:
-        poll = -1.0
-    if not poll >= 0:
-        raise ValueError(f"SYNCBN_POLL_US: expected a number of microseconds >= 0, got {raw!r}")
-    try:
-        debug = int(os.environ.get("SYNCBN_DEBUG") or 0)
-    except ValueError:
-        debug = 1  # any other non-empty value turns the checks on
     return Settings(kernel=_choice("SYNCBN_KERNEL", KERNELS), shm=_choice("SYNCBN_SHM", SHM),
-                    poll_us=poll, debug=debug,
-                    nonfinite=_choice("SYNCBN_NONFINITE", NONFINITE))
+                    poll_us=_number("SYNCBN_POLL_US", _POLL_DEFAULT_US, 0.0, _POLL_MAX_US),
+                    debug=_debug(), nonfinite=_choice("SYNCBN_NONFINITE", NONFINITE),
+                    force_sync=_flag("SYNCBN_FORCE_SYNC"))
 
 
-_current: list[Settings] = []
+current: Settings | None = None  # read on first use; a pass's plan remembers which it used
 
 
 def get() -> Settings:
     """The settings, read from the environment on first use."""
-    if not _current:
-        _current.append(_read())
-    return _current[0]
+    global current
+    if current is None:
+        current = _read()
+    return current
 
 
 def reload() -> None:
     """Forget the settings read so far: the next pass reads the environment again (call it after
     changing ``SYNCBN_*`` variables in a running process)."""
-    _current.clear()
+    global current
+    current = None

@@ -3,7 +3,7 @@
 The Module keeps the books (running statistics, ``num_batches_tracked``, momentum, train/eval) exactly
 as ``torch.nn.BatchNorm*d`` does and makes the one decision "synchronize, or ``F.batch_norm``"
 (like torch's ``need_sync``: training mode and a group of more than one rank);
-:class:`~syncbn._function.SyncBatchNormFunction` does the math.
+:class:`~syncbn._pass.SyncBatchNormFunction` does the math.
 
 The classes subclass torch's ``_BatchNorm`` (not ``torch.nn.SyncBatchNorm``, which DDP rejects in
 CPU modules), so ``state_dict``s load both ways between these and ``torch.nn.BatchNorm*d`` /
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm, _function, _replicas, _wire
+from . import _comm, _pass, _replicas, _wire
 from .functional import check_input, will_sync
 
 _creation_index = itertools.count(1)
@@ -106,7 +106,7 @@ class SyncBatchNorm(_BatchNorm):
         # The integer the registered ops know the group by, looked up here rather than in
         # forward (a lookup that torch.compile would have to trace).
         self._process_group = group
-        self._group_id = _function.group_id(group)
+        self._group_id = _pass.group_id(group)
 
     @property
     def _layer_name(self) -> str | None:
@@ -122,7 +122,7 @@ class SyncBatchNorm(_BatchNorm):
         """The layer's identity and pass counters in the collective's header (and the integer
         the registered ops know it by)."""
         tag = _wire.LayerTag.for_layer(self._name, self._creation_index, self.layer_description())
-        self._layer_id = _function.layer_id(tag)
+        self._layer_id = _pass.layer_id(tag)
         return tag
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -132,8 +132,8 @@ class SyncBatchNorm(_BatchNorm):
             state = {**state, "_process_group": state.get("process_group")}
             state.pop("process_group", None)
         super().__setstate__(state)
-        self._layer_id = _function.layer_id(self._tag)
-        self._group_id = _function.group_id(self._process_group)
+        self._layer_id = _pass.layer_id(self._tag)
+        self._group_id = _pass.group_id(self._process_group)
 
     def layer_description(self) -> str:
         """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``."""
@@ -175,7 +175,7 @@ class SyncBatchNorm(_BatchNorm):
         if not will_sync(self.training, self.process_group):
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 use_batch_stats, factor, self.eps)
-        out = _function.SyncBatchNormFunction.apply(
+        out = _pass.SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
             self._group_id, self._layer_id)
         return out  # type: ignore[no-any-return]

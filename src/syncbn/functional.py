@@ -7,7 +7,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _comm, _function, _wire
+from . import _comm, _pass, _wire
 
 __all__ = ["check_input", "sync_batch_norm", "will_sync"]
 
@@ -90,12 +90,12 @@ def sync_batch_norm(
                 f"sync_batch_norm: expected {name} with {input.shape[1]} elements (the input's "
                 f"channels), got {t.numel()}"
             )
-    out = _function.SyncBatchNormFunction.apply(
+    out = _pass.SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, eps, momentum,
-        _function.group_id(process_group), _FUNCTIONAL_LAYER)
+        _pass.group_id(process_group), _FUNCTIONAL_LAYER)
     return out  # type: ignore[no-any-return]
 
 
 _FUNCTIONAL_TAG = _wire.LayerTag.for_layer("syncbn.functional.sync_batch_norm", 0, "sync_batch_norm")
-_FUNCTIONAL_LAYER = _function.layer_id(_FUNCTIONAL_TAG)
+_FUNCTIONAL_LAYER = _pass.layer_id(_FUNCTIONAL_TAG)
 

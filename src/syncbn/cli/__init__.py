@@ -25,12 +25,11 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``syncbn <command> [options]``; returns the exit status."""
-    from .. import _kernel
-    from . import bench, check, demo
+    from . import bench, check, demo, kernel
 
     parser = Parser(prog="syncbn", description="Exact synchronized BatchNorm for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_parser in (demo.add_parser, check.add_parser, bench.add_parser, _kernel.add_parser):
+    for add_parser in (demo.add_parser, check.add_parser, bench.add_parser, kernel.add_parser):
         add_parser(sub)
     args = parser.parse_args(argv)
     try:

@@ -205,8 +205,8 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     import torch.distributed as dist
 
     import syncbn
-    from syncbn import _comm, _function, _kernel, _settings, _wire
-    from syncbn._function import SyncBatchNormFunction
+    from syncbn import _comm, _pass, _settings, _wire, backends
+    from syncbn._pass import SyncBatchNormFunction
 
     group = dist.group.WORLD
     barrier = (lambda: dist.barrier()) if world > 1 else (lambda: None)
@@ -225,8 +225,8 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     tb_rm, tb_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     f_rm, f_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     tag = _wire.LayerTag.for_layer(f"bench.{spec['name']}", 0, f"bench layer {spec['name']}")
-    layer = _function.layer_id(tag)  # (the tag must stay alive: the id refers to it weakly)
-    group_id = _function.group_id(group)
+    layer = _pass.layer_id(tag)  # (the tag must stay alive: the id refers to it weakly)
+    group_id = _pass.group_id(group)
     buf = torch.zeros(_wire.length(_wire.width_for(c)), dtype=torch.float64, device=device)
 
     def torch_bn() -> None:
@@ -277,8 +277,8 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
         row[f"{k}_compute_ms"] = res[k]["compute_median_ms"]
         row[f"{k}_collective_ms"] = res[k]["collective_median_ms"]
     return {"shape": spec["name"], "world_size": world, "rank": rank, "threads": opts["threads"],
-            "fused": _kernel.path_for(x, sbn.weight, sbn.bias, sbn.running_mean,
-                                      sbn.running_var) == "fused",
+            "fused": backends.describe(x, sbn.weight, sbn.bias, sbn.running_mean,
+                                       sbn.running_var) == "fused",
             "transport": _comm.transport(group),
             "buffer_numbers": buf.numel(), **row}
 
@@ -614,20 +614,22 @@ def _kernel_report(device: str) -> dict[str, Any]:
     """The fused kernel's cold build time (a fresh cache, in a subprocess) and cached load time."""
     import subprocess
 
-    from syncbn import _kernel
+    from syncbn import _settings
+    from syncbn._native import kernel as _kernel
 
-    info: dict[str, Any] = {"mode": _kernel.mode(), "available": False, "error": None,
+    mode = _settings.get().kernel
+    info: dict[str, Any] = {"mode": mode, "available": False, "error": None,
                             "cold_build_s": None, "this_run": None, "this_run_s": None}
-    if device != "cpu" or _kernel.mode() == "aten":
+    if device != "cpu" or mode == "aten":
         info["error"] = "not a CPU run" if device != "cpu" else "SYNCBN_KERNEL=aten"
         return info
-    code = ("from syncbn import _kernel; _kernel.get(); "
+    code = ("from syncbn._native import kernel as _kernel; _kernel.get(); "
             "print(_kernel.build_info()['seconds'] if _kernel.build_info()['compiled'] else -1)")
     with tempfile.TemporaryDirectory(prefix="syncbn-kernel-") as cache:
         env = {**os.environ, "SYNCBN_CACHE_DIR": cache, "SYNCBN_KERNEL": "fused"}
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                               text=True, timeout=600, check=False)
-    lib = _kernel.get()
+    lib = _kernel.get(warn=True)
     if proc.returncode == 0 and lib is not None:
         built = _kernel.build_info()
         info.update(available=True, cold_build_s=float(proc.stdout.split()[-1]),

@@ -247,8 +247,8 @@ def check_rank(rank: int, world_size: int, device: torch.device, opts: dict[str,
     layer_ms = statistics.median(times) * 1e3
 
     tol = TOLERANCES[opts["dtype"]]
-    path = syncbn._kernel.path_for(x_in, timed.weight, timed.bias, timed.running_mean,
-                                   timed.running_var)
+    path = syncbn.backends.describe(x_in, timed.weight, timed.bias, timed.running_mean,
+                                    timed.running_var)
     return {
         "rank": rank, "host": socket.gethostname(), "device": str(device), "path": path,
         "transport": syncbn._comm.transport(group),

@@ -1,20 +1,19 @@
 """The fused CPU kernel (``csrc/kernel.c``): built on first use, cached, loaded with ctypes.
 
-It is what the fused C backend (``_backend_c.py``: CPU float32/float64, contiguous or
+It is what the fused C backend (``syncbn.backends.fused``: CPU float32/float64, contiguous or
 channels_last) calls: one C pass over the data per step (statistics, normalize, backward
 reductions, grad_input), with the per-channel math, the collective's header and the running
 statistics done in C as well. No torch headers: the C builds with the system C compiler in a
 few seconds, once per machine, into a cache directory, and is called through ``ctypes``. The
-other backends are torch operators (``_backend_torch.py``) and Triton (``_backend_triton.py``).
+other backends are torch operators and Triton (``syncbn.backends``, where ``SYNCBN_KERNEL``
+chooses).
 
 The same library holds the shared-memory all_reduce of ranks on one machine (``csrc/local.h``,
-used by ``_comm`` through ``_local``), whichever path computes.
+used by ``syncbn._shm``), whichever backend computes.
 
-``SYNCBN_KERNEL`` picks: ``auto`` (default: fused where it applies and builds, else aten, with
-one warning saying why), ``fused`` (fused where it applies; an error if it cannot be built),
-``aten`` (never fused) or ``triton``. The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
+The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
 ``~/.cache/syncbn`` (``<tmp>/syncbn-<uid>`` when that is not writable); a kernel is loaded only
-from a directory and files nobody else can write, after checking its sha256 (``_cache.py``). The
+from a directory and files nobody else can write, after checking its sha256 (``cache.py``). The
 compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with ``-O3 -march=native -fopenmp`` (retried
 without ``-march=native``, then without OpenMP, if the compiler refuses them). The library
 file's name is a hash of the sources, flags and machine (CPU, architecture, C library), not of
@@ -41,14 +40,13 @@ from typing import Any
 
 import torch
 
-from . import _cache, _settings
+from . import cache as _cache
 
-__all__ = ["ARG_FORMATS", "KernelUnavailable", "add_parser", "arg", "build_info", "calls",
-           "geometry", "get", "local_allreduce", "mode", "path_for", "suffix"]
+__all__ = ["ARG_FORMATS", "CALLS", "KernelUnavailable", "build_info", "geometry", "get",
+           "load_now", "local_allreduce", "suffix"]
 
 log = logging.getLogger("syncbn")
 
-MODES = _settings.KERNELS
 _SOURCES = ("kernel.c", "kernel_body.h", "local.h", "wire.h")
 _VERSION = 8  # must match syncbn_kernel_version() in kernel.c
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
@@ -69,47 +67,43 @@ ARG_FORMATS = {
 }
 _RESTYPES = {"forward_reduce": ctypes.c_int, "forward_apply": ctypes.c_int,
              "backward_reduce": ctypes.c_int, "backward_apply": ctypes.c_int}
-_calls: dict[torch.dtype, tuple[Any, Any, Any, Any]] = {}
+# The loaded kernel's forward_reduce, forward_apply, backward_reduce and backward_apply per data
+# dtype (float32, float64): each takes one block packed with ARG_FORMATS. Filled when it loads.
+CALLS: dict[torch.dtype, tuple[Any, Any, Any, Any]] = {}
 
 
 class KernelUnavailable(RuntimeError):
     """``SYNCBN_KERNEL=fused`` was asked for, but the kernel cannot be built or loaded."""
 
 
-def mode() -> str:
-    """``SYNCBN_KERNEL``: ``auto`` (default), ``fused``, ``aten`` or ``triton``."""
-    return _settings.get().kernel
-
-
-def arg(t: torch.Tensor | None) -> tuple[int, int]:
-    """A per-channel tensor as the kernel takes it: its address and dtype code (0 absent,
-    1 float32, 2 float64); ``(0, 0)`` (a NULL pointer) for an absent tensor."""
-    if t is None:
-        return 0, 0
-    return t.data_ptr(), 1 if t.dtype == torch.float32 else 2
-
-
-def get() -> Any | None:
-    """The loaded kernel library (a ``ctypes.CDLL``), or ``None`` for the ATen path.
+def get(required: bool = False, warn: bool = False) -> Any | None:
+    """The loaded kernel library (a ``ctypes.CDLL``), or ``None`` when it cannot be had.
 
     Builds it on first use (a few seconds, once per machine: the result is cached). Raises
-    :class:`KernelUnavailable` under ``SYNCBN_KERNEL=fused`` when it cannot be had.
+    :class:`KernelUnavailable` when it cannot be had and ``required`` (``SYNCBN_KERNEL=fused``);
+    ``warn``: a one-time warning saying why when it cannot be had (``SYNCBN_KERNEL=auto``).
     """
-    m = mode()
-    if m in ("aten", "triton"):
-        return None
-    _ensure_loaded()
-    if _state["lib"] is None and m == "fused":
+    _ensure_loaded(warn)
+    if _state["lib"] is None and required:
         raise KernelUnavailable(f"syncbn: SYNCBN_KERNEL=fused, but {_state['error']}")
     return _state["lib"]
 
 
-def _ensure_loaded() -> None:
+def _ensure_loaded(warn: bool = False) -> None:
     """Build or load the library once per process (under a lock: threads may race here)."""
     if not _state["tried"]:
         with _lock:
             if not _state["tried"]:
-                _load()
+                _load(warn=warn)
+
+
+def load_now(rebuild: bool = False) -> dict[str, Any]:
+    """Build (``rebuild``: even if cached) or load the kernel now, whatever happened before;
+    :func:`build_info` (``syncbn kernel``, which prints the problems instead of warning)."""
+    with _lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _load(rebuild=rebuild)
+    return build_info()
 
 
 def build_info() -> dict[str, Any]:
@@ -143,7 +137,7 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _load(rebuild: bool = False) -> None:
+def _load(rebuild: bool = False, warn: bool = False) -> None:
     start = time.perf_counter()
     _state["problems"] = []
     _state["lib"] = None  # a failed rebuild must not leave the old library reported
@@ -153,7 +147,7 @@ def _load(rebuild: bool = False) -> None:
         _state["error"] = f"the fused CPU kernel is unavailable ({type(e).__name__}: {e})"
         if _state["problems"]:
             _state["error"] += " [" + "; ".join(_state["problems"]) + "]"
-        if mode() == "auto":
+        if warn:
             warnings.warn(f"syncbn: {_state['error']}; using the plain ATen path "
                           "(same results, slower). Set SYNCBN_KERNEL=aten to silence this.",
                           RuntimeWarning, stacklevel=4)
@@ -309,7 +303,7 @@ def _bind(fd: int, cache: _cache.CacheDir, flags: tuple[str, ...], stem: str) ->
             fn = getattr(lib, f"syncbn_{name}_{suffix(dtype)}")
             fn.restype, fn.argtypes = restype, [ctypes.c_char_p]
             fns.append(fn)
-        _calls[dtype] = tuple(fns)  # type: ignore[assignment]
+        CALLS[dtype] = tuple(fns)  # type: ignore[assignment]
     fn = lib.syncbn_local_allreduce
     fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_char_p]
     _state["local_allreduce"] = fn
@@ -351,12 +345,6 @@ def geometry(input: torch.Tensor, *params: torch.Tensor | None) -> tuple[int, in
     return None
 
 
-def calls(dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
-    """The loaded kernel's forward_reduce, forward_apply, backward_reduce and backward_apply
-    for a data dtype (float32 or float64): each takes one block packed with ``ARG_FORMATS``."""
-    return _calls[dtype]
-
-
 def local_allreduce() -> Any | None:
     """The kernel's shared-memory all_reduce (``csrc/local.h``; one block packed with
     ``ARG_FORMATS["local_allreduce"]``), or None when the kernel is not loaded (whatever
@@ -368,51 +356,3 @@ def local_allreduce() -> Any | None:
 def suffix(dtype: torch.dtype) -> str:
     """The kernels' name suffix for a data dtype."""
     return "f32" if dtype == torch.float32 else "f64"
-
-
-def path_for(input: torch.Tensor, *params: torch.Tensor | None) -> str:
-    """Which implementation a synchronized pass on this input takes: ``"fused"`` or
-    ``"aten (<why>)"`` (for reports such as ``syncbn check``)."""
-    if mode() == "triton":
-        return "triton"
-    if mode() == "aten":
-        return "aten (SYNCBN_KERNEL=aten)"
-    if geometry(input, *params) is None:
-        return "aten (not a CPU float32/float64 contiguous or channels_last input)"
-    try:
-        lib = get()
-    except KernelUnavailable:
-        lib = None
-    return "fused" if lib is not None else "aten (kernel unavailable)"
-
-
-def add_parser(subparsers: Any) -> Any:
-    """Add the ``kernel`` subcommand to ``syncbn``'s subparsers; returns its parser."""
-    p = subparsers.add_parser(
-        "kernel", help="build syncbn's fused CPU kernel now (or find it in the cache) and say where",
-        description="Build syncbn's fused CPU kernel with the system C compiler, or load it from "
-        "the cache, and print where it is, how long that took and with which flags: run it once "
-        "in a container image or on a shared file system so that training processes only load "
-        "it. Honors CC and SYNCBN_CACHE_DIR (see docs/troubleshooting.md).",
-        epilog="Exit status: 0 the kernel is available, 1 it cannot be built (the reason is "
-        "printed; syncbn then uses its plain ATen path).")
-    p.add_argument("--rebuild", action="store_true", help="build it again even if it is cached")
-    p.set_defaults(run=_run_cli)
-    return p
-
-
-def _run_cli(args: Any) -> int:
-    with _lock, warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the error is printed below instead
-        _load(rebuild=args.rebuild)
-    info = build_info()
-    for problem in info["problems"] if info["available"] else ():
-        print(f"syncbn kernel: {problem}", file=sys.stderr)
-    if not info["available"]:
-        print(f"syncbn kernel: {info['error']}; syncbn will use its plain ATen path",
-              file=sys.stderr)
-        return 1
-    how = "built" if info["compiled"] else "loaded from the cache"
-    took = f"{info['seconds']:.2f} s" if info["seconds"] >= 0.1 else f"{info['seconds'] * 1e3:.1f} ms"
-    print(f"syncbn kernel: {how} {info['path']} in {took} (flags: {info['flags']})")
-    return 0

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _backend_c, _backend_torch, _comm, _settings, _stats, _wire
+from . import _comm, _settings, _stats, _wire, backends
 
 __all__ = ["SyncBatchNormFunction", "backend_for", "backward_pass", "forward_pass",
            "group_id", "layer_id"]
@@ -75,23 +75,8 @@ def layer_id(tag: _wire.LayerTag) -> int:
 
 
 def backend_for(input: Tensor, *params: Tensor | None) -> Any:
-    """The backend of a pass on this input (``SYNCBN_KERNEL``): the fused C kernel where it
-    applies (``auto``, ``fused``), Triton where asked (``triton``), else torch operators."""
-    kernel = _settings.get().kernel
-    if kernel == "aten":
-        return _backend_torch
-    if kernel == "triton":
-        from . import _backend_triton
-
-        if not _backend_triton.applies(input, *params):
-            raise RuntimeError(
-                f"syncbn: SYNCBN_KERNEL=triton, but the Triton backend cannot take this pass "
-                f"(input {input.dtype} on {input.device}; it needs triton and a CUDA tensor, or "
-                "TRITON_INTERPRET=1 set before syncbn's first pass for CPU tensors)")
-        return _backend_triton
-    if _backend_c.applies(input, *params):
-        return _backend_c
-    return _backend_torch
+    """The backend and geometry of a pass on this input (``backends.select``)."""
+    return backends.select(input, *params)
 
 
 def _like(grad_output: Tensor, input: Tensor) -> Tensor:
@@ -119,13 +104,14 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     rank. Every rank must call it, in the same order as the others, even with an empty shard."""
     if backend is None:
         backend = backend_for(input, weight, bias, running_mean, running_var)
+    backend, geo = backend
     channels = input.shape[1]
     size = _comm.buffer_length(process_group, channels, tag, input.device)
     tag.forward += 1
     fields = _wire.fields(tag, _wire.FORWARD, channels)
     buffer = torch.empty(size, dtype=torch.float64, device=input.device)
     # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> size
-    if backend.forward_reduce(input, buffer, fields):  # a result code; None or OK: done
+    if backend.forward_reduce(geo, input, buffer, fields):  # a result code; None or OK: done
         raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
     world = _comm.all_reduce(buffer, process_group, tag, _wire.FORWARD, 2 * channels + 1,
                              tuple(input.shape))
@@ -148,10 +134,10 @@ def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     policy = _wire.POLICIES[_settings.get().nonfinite]
     status = (_status_word(input, fresh=policy == _wire.POLICIES["raise"])
               if _wants_status(backend, input) else None)
-    out, stats, code = backend.forward_apply(input, buffer, world, fields, weight, bias,
+    out, stats, code = backend.forward_apply(geo, input, buffer, world, fields, weight, bias,
                                              running_mean, running_var, eps, momentum, policy,
                                              status)
-    if code is None and status is not None and not capturing and (
+    if status is not None and not capturing and (
             policy == _wire.POLICIES["raise"]):
         code = int(status.item())  # a device sync on GPU, as documented for this policy
     if code:
@@ -195,6 +181,7 @@ def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, sta
     the forward's (eagerly known), else chosen again."""
     if backend is None:
         backend = backend_for(input, weight, None, None, None)
+    backend, geo = backend
     dy = grad_output
     if dy.dtype != input.dtype or dy.stride() != input.stride():
         dy = _like(grad_output, input)
@@ -206,13 +193,13 @@ def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, sta
         fields = _wire.fields(tag, _wire.BACKWARD, channels)
         buffer = torch.empty(size, dtype=torch.float64, device=input.device)
     # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> size
-    grad_weight, grad_bias = backend.backward_reduce(dy, input, stats, buffer, fields,
+    grad_weight, grad_bias, code = backend.backward_reduce(geo, dy, input, stats, buffer, fields,
                                                      weight_dtype, bias_dtype)
     grad_input = None
     if buffer is not None and fields is not None:
         world = _comm.all_reduce(buffer, process_group, tag, _wire.BACKWARD, 2 * channels,
                                  tuple(input.shape))
-        grad_input, code = backend.backward_apply(dy, input, stats, weight, buffer, world, fields,
+        grad_input, code = backend.backward_apply(geo, dy, input, stats, weight, buffer, world, fields,
                                                   _status_word(input, fresh=False)
                                                   if _wants_status(backend, input) else None)
         if code:

@@ -1,6 +1,6 @@
-"""The Triton kernels of the GPU backend (``_backend_triton.py`` plans and launches them).
+"""The Triton kernels of the GPU backend (``triton.py`` plans and launches them).
 
-Imported only on first use, by ``_backend_triton._kernels()``: ``@triton.jit`` decides at
+Imported only on first use, by ``triton._kernels()``: ``@triton.jit`` decides at
 definition time whether the kernels are compiled for the GPU or run by Triton's interpreter
 (``TRITON_INTERPRET=1``, CPU tensors), so this module must be imported after that variable is set.
 Without triton installed it still imports (the kernels are then plain, unused functions).
@@ -21,7 +21,7 @@ when ``|mean| >> std``.
 
 from __future__ import annotations
 
-from . import _wire
+from .. import _wire
 
 try:
     import triton

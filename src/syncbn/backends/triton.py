@@ -2,7 +2,7 @@
 
 One synchronized direction is ``reduce -> ONE all_reduce -> apply`` (the core runs the
 collective); this backend implements the four steps of the backend interface
-(specified in ``_function.py`` and ``_wire.py``) with six kernels (``_triton_kernels.py``):
+(specified in ``syncbn.backends`` and ``syncbn._wire``) with six kernels (``triton_kernels.py``):
 
 * forward:  ``fwd_tile`` (tile partials of shifted sums) -> ``fwd_pack`` (the partials summed in
   a fixed order into the WHOLE buffer) -> [all_reduce] -> ``fwd_apply`` (header check into the
@@ -33,10 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _wire
+from .. import _wire
 
-__all__ = ["applies", "backward_apply", "backward_reduce", "forward_apply", "forward_reduce",
-           "launches"]
+__all__ = ["NAME", "STATUS_WORD", "applies", "backward_apply", "backward_reduce",
+           "forward_apply", "forward_reduce", "launches"]
+
+NAME = "triton"
 
 NUM_FIELDS = len(_wire.FIELDS)  # header fields: the header is 2 * NUM_FIELDS numbers
 STATUS_WORD = True  # its apply steps report into a device status word (no host sync)
@@ -70,10 +72,17 @@ def launches() -> int:
 
 
 def _launch(kernel: Any, grid: tuple[int], *args: Any, **constexprs: Any) -> None:
-    """The one place a kernel is launched (and counted). FMA contraction is asked for
-    explicitly (Triton 3.9 warns when it is left to its default)."""
+    """The one place a kernel is launched (and counted), on the device of its first tensor
+    argument and that device's current stream (Triton launches on the *current* device: a
+    tensor on another GPU needs the guard). FMA contraction is asked for explicitly (Triton
+    3.9 warns when it is left to its default)."""
     global _launch_count
     _launch_count += 1
+    device = args[0].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel[grid](*args, **constexprs, enable_fp_fusion=True, num_warps=tuning.num_warps)
+        return
     kernel[grid](*args, **constexprs, enable_fp_fusion=True, num_warps=tuning.num_warps)
 
 
@@ -94,7 +103,7 @@ def _interpreting() -> bool:
 @functools.cache
 def _kernels() -> Any:
     """The kernel module, imported (or re-imported) under the current TRITON_INTERPRET."""
-    module = importlib.import_module("syncbn._triton_kernels")
+    module = importlib.import_module("syncbn.backends.triton_kernels")
     interpreted = type(module.fwd_tile).__name__ == "InterpretedFunction"
     if interpreted != _interpreting():  # imported earlier under the other setting
         module = importlib.reload(module)
@@ -211,35 +220,32 @@ def _channel_ok(t: Tensor | None, channels: int, device: torch.device) -> bool:
                          and t.dtype in _DTYPES and t.device == device)
 
 
-def applies(input: Tensor, weight: Tensor | None, bias: Tensor | None,
-            running_mean: Tensor | None, running_var: Tensor | None) -> bool:
-    """Can this backend take the pass? CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``)
-    of float16/bfloat16/float32/float64 whose dims after C collapse into one stride, and 1-D
-    contiguous per-channel tensors; triton importable."""
+Geometry = tuple[int, int, int, tuple[int, int, int, int]]  # channels, rows, S, flat strides
+
+
+def applies(input: Tensor, *params: Tensor | None) -> Geometry | None:
+    """``(C, rows, S, flat strides)`` when this backend can take the pass: CUDA tensors (CPU
+    ones under ``TRITON_INTERPRET=1``) of float16/bfloat16/float32/float64 whose dims after C
+    collapse into one stride, 1-D contiguous per-channel tensors (weight, bias, running
+    statistics) on the input's device; triton importable. Else None."""
     device = input.device
     if device.type == "cpu":
         if not os.environ.get("TRITON_INTERPRET"):
-            return False
+            return None
     elif device.type != "cuda":
-        return False
+        return None
     if _triton() is None or (device.type == "cpu" and not _interpreting()):
-        return False
+        return None
     if input.dim() < 2 or input.dtype not in _DTYPES or input.shape[1] == 0:
-        return False
+        return None
     channels = input.shape[1]
-    if input.numel() // channels >= _MAX_ROWS or _flat_strides(input) is None:
-        return False
-    return all(_channel_ok(t, channels, device)
-               for t in (weight, bias, running_mean, running_var))
-
-
-def _geometry(x: Tensor) -> tuple[int, int, int, tuple[int, int, int, int]]:
-    flat = _flat_strides(x)
-    if flat is None:
-        raise ValueError(f"syncbn triton backend: the dims after C of input {tuple(x.shape)} with "
-                         f"strides {x.stride()} do not collapse into one stride")
-    channels = x.shape[1]
-    return channels, x.shape[0] * flat[0], flat[0], flat
+    flat = _flat_strides(input)
+    if input.numel() // channels >= _MAX_ROWS or flat is None:
+        return None
+    for t in params:
+        if not _channel_ok(t, channels, device):
+            return None
+    return channels, input.shape[0] * flat[0], flat[0], flat
 
 
 def _like(t: Tensor, x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
@@ -251,11 +257,11 @@ def _like(t: Tensor, x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
     return t, flat
 
 
-def forward_reduce(x: Tensor, buffer: Tensor, fields: list[int]) -> None:
+def forward_reduce(geo: Geometry, x: Tensor, buffer: Tensor, fields: list[int]) -> int:
     """Write the WHOLE forward buffer for this shard: ``[1 | sum(x) (C) | sum(x**2) (C) | n |
     zeros | header | 1]`` (2 launches)."""
     kernels = _kernels()
-    channels, rows, spatial, flat = _geometry(x)
+    channels, rows, spatial, flat = geo
     length = _check_buffer(buffer, channels, "forward_reduce")
     f = _fields(fields)
     linear = _linear(x, flat)
@@ -267,7 +273,7 @@ def forward_reduce(x: Tensor, buffer: Tensor, fields: list[int]) -> None:
     block_c, block_t, programs = _pack_sizes(channels, plan.tiles)
     _launch(kernels.fwd_pack, (programs,), part, buffer, plan.tiles, channels, rows, length, *f,
             BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_Z=tuning.block_z)
-    return None
+    return _wire.OK
 
 
 def _status_word(status: Tensor | None, device: torch.device) -> Tensor:
@@ -280,17 +286,17 @@ def _status_word(status: Tensor | None, device: torch.device) -> Tensor:
     return status
 
 
-def forward_apply(x: Tensor, buffer: Tensor, world: int, fields: list[int],
+def forward_apply(geo: Geometry, x: Tensor, buffer: Tensor, world: int, fields: list[int],
                   weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                   running_var: Tensor | None, eps: float, momentum: float, policy: int,
-                  status: Tensor | None = None) -> tuple[Tensor, Tensor, int | None]:
+                  status: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
     """From the reduced buffer, one launch: header check, ``stats = [mean | invstd | count]``
     (float64, 2C+1), running statistics, ``out`` in x's dtype and memory format.
 
-    ``code`` is None when ``status`` is given (the codes land in it, no host sync); without
+    ``code`` is OK when ``status`` is given (the codes land in it, no host sync); without
     ``status`` a word is made here and its value returned (a host read: CPU callers)."""
     kernels = _kernels()
-    channels, rows, spatial, flat = _geometry(x)
+    channels, rows, spatial, flat = geo
     length = _check_buffer(buffer, channels, "forward_apply")
     f = _fields(fields)
     word = _status_word(status, x.device)
@@ -310,7 +316,7 @@ def forward_apply(x: Tensor, buffer: Tensor, world: int, fields: list[int],
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_RM=running_mean is not None,
             HAS_RV=running_var is not None, POLICY=int(policy), LINEAR=linear,
             ACC=_acc(x.dtype), BLOCK_M=plan.block_m, BLOCK_C=plan.block_c)
-    code = None if status is not None else int(word.item())
+    code = _wire.OK if status is not None else int(word.item())
     return out, stats, code
 
 
@@ -319,21 +325,22 @@ def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
     return dummy if t is None else t
 
 
-def backward_reduce(dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
+def backward_reduce(geo: Geometry, dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
                     fields: list[int], grad_weight_dtype: torch.dtype | None,
-                    grad_bias_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
+                    grad_bias_dtype: torch.dtype | None,
+                    ) -> tuple[Tensor | None, Tensor | None, int]:
     """Local ``grad_weight = sum(dy * xhat)`` and ``grad_bias = sum(dy)`` (this rank's share,
     in the given dtypes, None when not asked for) and, when ``buffer`` is given, the whole
     backward buffer ``[1 | sum(dy) (C) | sum(dy * xhat) (C) | zeros | header | 1]``
     (2 launches; none when nothing is asked for)."""
-    channels, rows, spatial, flat = _geometry(x)
+    channels, rows, spatial, flat = geo
     device = x.device
     grad_weight = (None if grad_weight_dtype is None
                    else torch.empty(channels, dtype=grad_weight_dtype, device=device))
     grad_bias = (None if grad_bias_dtype is None
                  else torch.empty(channels, dtype=grad_bias_dtype, device=device))
     if buffer is None and grad_weight is None and grad_bias is None:
-        return None, None
+        return None, None, _wire.OK
     kernels = _kernels()
     length = 0 if buffer is None else _check_buffer(buffer, channels, "backward_reduce")
     f = _fields(fields) if buffer is not None else [0] * NUM_FIELDS
@@ -351,17 +358,17 @@ def backward_reduce(dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
             HAS_BUF=buffer is not None, HAS_GW=grad_weight is not None,
             HAS_GB=grad_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t,
             BLOCK_Z=tuning.block_z)
-    return grad_weight, grad_bias
+    return grad_weight, grad_bias, _wire.OK
 
 
-def backward_apply(dy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, buffer: Tensor,
-                   world: int, fields: list[int],
-                   status: Tensor | None = None) -> tuple[Tensor, int | None]:
+def backward_apply(geo: Geometry, dy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None,
+                   buffer: Tensor, world: int, fields: list[int],
+                   status: Tensor | None = None) -> tuple[Tensor, int]:
     """From the reduced backward buffer, one launch: header check, then
     ``grad_input = w*invstd*(dy - S_dy/n - xhat*S_dyxhat/n)`` mean-first, in x's dtype and
     memory format. ``code`` as in :func:`forward_apply`."""
     kernels = _kernels()
-    channels, rows, spatial, flat = _geometry(x)
+    channels, rows, spatial, flat = geo
     length = _check_buffer(buffer, channels, "backward_apply")
     f = _fields(fields)
     word = _status_word(status, x.device)
@@ -378,5 +385,5 @@ def backward_apply(dy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, 
             *_strides(x, flat, linear), *_strides(grad_in, g_flat, linear), plan.tile_rows,
             plan.n_cb, int(world), *f, HAS_W=weight is not None, LINEAR=linear,
             ACC=_acc(x.dtype), BLOCK_M=plan.block_m, BLOCK_C=plan.block_c)
-    code = None if status is not None else int(word.item())
+    code = _wire.OK if status is not None else int(word.item())
     return grad_in, code

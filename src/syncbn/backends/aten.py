@@ -2,8 +2,8 @@
 (the formulas of ``_stats.py``). Takes every input: any device, dtype and layout; the fallback
 of the other backends and the reference they are tested against.
 
-The four steps and the buffer they write and read are specified in ``_function.py`` and
-``_wire.py``. The header check is a host read here, so it runs on CPU only; on other devices the
+The four steps and the buffer they write and read are specified in ``syncbn.backends`` and
+``syncbn._wire``. The header check is a host read here, so it runs on CPU only; on other devices the
 core checks the header one pass late (``_comm.defer_check``), and the running statistics are
 updated only where the header matches (decided on the device).
 """
@@ -13,17 +13,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _stats, _wire
+from .. import _stats, _wire
 
-__all__ = ["applies", "backward_apply", "backward_reduce", "forward_apply", "forward_reduce"]
+__all__ = ["NAME", "STATUS_WORD", "applies", "backward_apply", "backward_reduce", "forward_apply",
+           "forward_reduce"]
+
+NAME = "aten"
+STATUS_WORD = False
 
 
-def applies(input: Tensor, *params: Tensor | None) -> bool:
-    """Every input."""
-    return True
+def applies(input: Tensor, *params: Tensor | None) -> tuple[int, ...]:
+    """Every input: its shape stands for the geometry (truthy)."""
+    return tuple(input.shape)
 
 
-def forward_reduce(x: Tensor, buffer: Tensor, fields: list[int]) -> int:
+def forward_reduce(geo: tuple[int, ...], x: Tensor, buffer: Tensor, fields: list[int]) -> int:
     """``[1 | sum(x), sum(x**2), n | 0... | header | 1]`` of this shard into ``buffer``."""
     torch.cat(_wire.parts(_stats.local_moments(x), fields, buffer.numel()), out=buffer)
     return _wire.OK
@@ -33,7 +37,7 @@ def _checked(buffer: Tensor, world: int, fields: list[int]) -> bool:
     return buffer.device.type != "cpu" or _wire.header_ok(buffer, fields, world)
 
 
-def forward_apply(x: Tensor, buffer: Tensor, world: int, fields: list[int],
+def forward_apply(geo: tuple[int, ...], x: Tensor, buffer: Tensor, world: int, fields: list[int],
                   weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                   running_var: Tensor | None, eps: float, momentum: float, policy: int,
                   status: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, int]:
@@ -66,9 +70,9 @@ def _mean_invstd(stats: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return stats[:channels].to(acc), stats[channels:2 * channels].to(acc)
 
 
-def backward_reduce(dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
-                    fields: list[int], weight_dtype: torch.dtype | None,
-                    bias_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
+def backward_reduce(geo: tuple[int, ...], dy: Tensor, x: Tensor, stats: Tensor,
+                    buffer: Tensor | None, fields: list[int], weight_dtype: torch.dtype | None,
+                    bias_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None, int]:
     """Local sum(dy) and sum(dy * xhat): the weight/bias gradients (this rank's share) and,
     when ``buffer`` is given, ``[1 | sum(dy), sum(dy * xhat) | 0... | header | 1]``."""
     mean, invstd = _mean_invstd(stats, x)
@@ -78,10 +82,10 @@ def backward_reduce(dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
         torch.cat(_wire.parts(payload, fields, buffer.numel()), out=buffer)
     grad_weight = sum_dy_xhat.to(weight_dtype) if weight_dtype is not None else None
     grad_bias = sum_dy.to(bias_dtype) if bias_dtype is not None else None
-    return grad_weight, grad_bias
+    return grad_weight, grad_bias, _wire.OK
 
 
-def backward_apply(dy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, buffer: Tensor,
+def backward_apply(geo: tuple[int, ...], dy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, buffer: Tensor,
                    world: int, fields: list[int],
                    status: Tensor | None = None) -> tuple[Tensor | None, int]:
     """Header check, then grad_input from the global sums."""

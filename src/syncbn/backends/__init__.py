@@ -1,0 +1,111 @@
+"""The backends: who computes a synchronized pass's four steps, and :func:`select`, which picks one.
+
+A synchronized direction is ``reduce -> one all_reduce -> apply`` (``syncbn._pass`` runs it);
+a backend implements the steps and nothing else, on the buffer ``syncbn._wire`` defines, so
+ranks on different backends can meet in one group:
+
+============  ===============================================  ==============================
+backend       takes                                            module
+============  ===============================================  ==============================
+``fused``     CPU float32/float64, contiguous/channels_last    :mod:`.fused` (C kernel)
+``aten``      every input (any device, dtype, layout)          :mod:`.aten` (torch operators)
+``triton``    CUDA tensors (CPU under ``TRITON_INTERPRET=1``)  :mod:`.triton`
+============  ===============================================  ==============================
+
+``SYNCBN_KERNEL`` (read here, and only here) names one; ``auto``, the default, takes ``fused``
+where it applies and ``aten`` elsewhere. Every backend is a module with the functions of
+:class:`Backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from .. import _settings
+from . import aten, fused, triton
+
+__all__ = ["Backend", "BackendUnavailable", "aten", "describe", "fused", "select", "triton"]
+
+
+class BackendUnavailable(RuntimeError):
+    """``SYNCBN_KERNEL`` names a backend that cannot take this pass."""
+
+
+class Backend(Protocol):
+    """The four steps of a synchronized pass, and :meth:`applies`.
+
+    One result convention: every step returns a ``syncbn._wire`` result code (``OK``,
+    ``MISMATCH``, ``NONFINITE``, ``NO_MEMORY``) as its last value; the caller raises. ``geo`` is
+    what :meth:`applies` returned for this input (computed once per plan, never per pass).
+    ``stats`` is ``[mean (C) | invstd (C) | count (1)]`` in float64, whichever backend made it.
+    ``status``: a device int32 word a backend with ``STATUS_WORD = True`` writes its code to
+    (no host sync); the others return it.
+    """
+
+    NAME: str
+    STATUS_WORD: bool
+
+    def applies(self, input: Tensor, *params: Tensor | None) -> Any | None:
+        """This backend's geometry of ``input`` (truthy) when it takes the pass with these
+        per-channel tensors (weight, bias, running statistics), else ``None``."""
+
+    def forward_reduce(self, geo: Any, x: Tensor, buffer: Tensor, fields: list[int]) -> int:
+        """``[1 | sum(x), sum(x**2), n | 0... | header | 1]`` of this shard into ``buffer``."""
+
+    def forward_apply(self, geo: Any, x: Tensor, buffer: Tensor, world: int, fields: list[int],
+                      weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                      running_var: Tensor | None, eps: float, momentum: float, policy: int,
+                      status: Tensor | None) -> tuple[Tensor | None, Tensor | None, int]:
+        """Header check, global mean/invstd, running statistics, normalize: ``(out, stats,
+        code)``."""
+
+    def backward_reduce(self, geo: Any, dy: Tensor, x: Tensor, stats: Tensor,
+                        buffer: Tensor | None, fields: list[int],
+                        weight_dtype: Any, bias_dtype: Any,
+                        ) -> tuple[Tensor | None, Tensor | None, int]:
+        """Local sum(dy), sum(dy * xhat) into ``buffer`` (when given); ``(grad_weight,
+        grad_bias, code)``, this rank's share."""
+
+    def backward_apply(self, geo: Any, dy: Tensor, x: Tensor, stats: Tensor,
+                       weight: Tensor | None, buffer: Tensor, world: int, fields: list[int],
+                       status: Tensor | None) -> tuple[Tensor | None, int]:
+        """Header check, grad_input from the global sums: ``(grad_input, code)``."""
+
+
+def select(input: Tensor, *params: Tensor | None) -> tuple[Backend, Any]:
+    """The backend of a pass on ``input`` with these per-channel tensors, and its geometry.
+
+    ``SYNCBN_KERNEL``: ``auto`` (fused where it applies and builds, else aten), ``fused`` (an
+    error where the kernel cannot be built; aten for inputs it does not take), ``aten``,
+    ``triton`` (an error where it cannot take the pass)."""
+    kernel = _settings.get().kernel
+    if kernel == "aten":
+        return aten, aten.applies(input, *params)
+    if kernel == "triton":
+        geo = triton.applies(input, *params)
+        if geo is None:
+            raise BackendUnavailable(
+                f"syncbn: SYNCBN_KERNEL=triton, but the Triton backend cannot take this pass "
+                f"(input {input.dtype} on {input.device}; it needs triton and a CUDA tensor, or "
+                "TRITON_INTERPRET=1 set before syncbn's first pass for CPU tensors)")
+        return triton, geo
+    geo = fused.applies(input, *params)
+    if geo is not None and fused.load(required=kernel == "fused"):
+        return fused, geo
+    return aten, aten.applies(input, *params)
+
+
+def describe(input: Tensor, *params: Tensor | None) -> str:
+    """Which backend a pass on this input takes, and why (for reports: ``syncbn check``)."""
+    kernel = _settings.get().kernel
+    try:
+        backend, _ = select(input, *params)
+    except RuntimeError as e:
+        return f"none ({e})"
+    if backend is not aten or kernel == "aten":
+        return backend.NAME if kernel == "auto" else f"{backend.NAME} (SYNCBN_KERNEL={kernel})"
+    if fused.applies(input, *params) is None:
+        return "aten (not a CPU float32/float64 contiguous or channels_last input)"
+    return "aten (kernel unavailable)"

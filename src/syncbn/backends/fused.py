@@ -1,0 +1,103 @@
+"""The fused C backend: a synchronized pass's reduce and apply steps, one C call each
+(``_native/csrc/kernel.c``, built and loaded by :mod:`syncbn._native.kernel`).
+
+Takes CPU float32/float64 input, contiguous or channels_last, with contiguous float32/float64
+per-channel tensors (:func:`applies`). Each step is one pass over the data, multi-threaded like
+torch (``torch.get_num_threads()``); the header check, the per-channel float64 math and the
+running statistics run in C too. The calls take one argument block packed with
+``ARG_FORMATS`` and return a ``_wire`` result code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _wire
+from .._native import kernel as _kernel
+
+__all__ = ["NAME", "STATUS_WORD", "applies", "backward_apply", "backward_reduce", "forward_apply",
+           "forward_reduce", "load"]
+
+NAME = "fused"
+STATUS_WORD = False
+_REDUCE_FWD, _APPLY_FWD = _kernel.ARG_FORMATS["forward_reduce"], _kernel.ARG_FORMATS["forward_apply"]
+_REDUCE_BWD, _APPLY_BWD = (_kernel.ARG_FORMATS["backward_reduce"],
+                           _kernel.ARG_FORMATS["backward_apply"])
+_NO_FIELDS = [0] * len(_wire.FIELDS)  # no header: a backward that sends nothing
+_CODE = {torch.float32: 1, torch.float64: 2}  # a per-channel tensor's dtype as the kernel takes it
+
+
+def applies(input: Tensor, *params: Tensor | None) -> tuple[int, int, int, int] | None:
+    """``(N, C, S, nsc)`` (:func:`syncbn._native.kernel.geometry`) of a CPU float32/float64
+    input in one of the kernel's layouts with contiguous float32/float64 per-channel tensors."""
+    return _kernel.geometry(input, *params)
+
+
+def load(required: bool) -> bool:
+    """Whether the kernel is loaded (built on first use); ``required``: an error if it cannot be,
+    else a one-time warning saying why."""
+    return _kernel.get(required, warn=not required) is not None
+
+
+def forward_reduce(geo: tuple[int, int, int, int], x: Tensor, buffer: Tensor,
+                   fields: list[int]) -> int:
+    n, c, s, nsc = geo
+    # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> len(buffer)
+    return _kernel.CALLS[x.dtype][0](_REDUCE_FWD.pack(
+        x.data_ptr(), n, c, s, nsc, torch.get_num_threads(), buffer.data_ptr(), buffer.numel(),
+        *fields))
+
+
+def forward_apply(geo: tuple[int, int, int, int], x: Tensor, buffer: Tensor, world: int,
+                  fields: list[int], weight: Tensor | None, bias: Tensor | None,
+                  running_mean: Tensor | None, running_var: Tensor | None, eps: float,
+                  momentum: float, policy: int,
+                  status: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    n, c, s, nsc = geo
+    # Large tensors first, then the small ones that outlive them: freeing the large ones then
+    # does not leave free memory at the top of the heap, which glibc would hand back to the OS
+    # (and the next pass would page-fault on).
+    out = torch.empty_like(x)
+    stats = torch.empty(2 * c + 1, dtype=torch.float64)  # mean (C), invstd (C), count (1)
+    rm, rv, w, b = running_mean, running_var, weight, bias
+    code = _kernel.CALLS[x.dtype][1](_APPLY_FWD.pack(
+        float(world), eps, momentum, buffer.data_ptr(), buffer.numel(), *fields,
+        0 if rm is None else rm.data_ptr(), 0 if rm is None else _CODE[rm.dtype],
+        0 if rv is None else rv.data_ptr(), 0 if rv is None else _CODE[rv.dtype],
+        policy, stats.data_ptr(), x.data_ptr(), out.data_ptr(), n, c, s, nsc,
+        torch.get_num_threads(), 0 if w is None else w.data_ptr(),
+        0 if w is None else _CODE[w.dtype], 0 if b is None else b.data_ptr(),
+        0 if b is None else _CODE[b.dtype]))
+    return out, stats, code
+
+
+def backward_reduce(geo: tuple[int, int, int, int], dy: Tensor, x: Tensor, stats: Tensor,
+                    buffer: Tensor | None, fields: list[int], weight_dtype: torch.dtype | None,
+                    bias_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None, int]:
+    n, c, s, nsc = geo  # dy: x's dtype and layout (the core makes it so)
+    gw = torch.empty(c, dtype=weight_dtype) if weight_dtype is not None else None
+    gb = torch.empty(c, dtype=bias_dtype) if bias_dtype is not None else None
+    at, size = (buffer.data_ptr(), buffer.numel()) if buffer is not None else (0, 0)
+    mean = stats.data_ptr()
+    # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> len(buffer); and the local
+    # weight/bias gradients (this rank's share: DDP or the user sums them over ranks)
+    code = _kernel.CALLS[x.dtype][2](_REDUCE_BWD.pack(
+        dy.data_ptr(), x.data_ptr(), n, c, s, nsc, torch.get_num_threads(), mean, mean + 8 * c,
+        at, size, *(fields if buffer is not None else _NO_FIELDS),
+        0 if gw is None else gw.data_ptr(), 0 if gw is None else _CODE[gw.dtype],
+        0 if gb is None else gb.data_ptr(), 0 if gb is None else _CODE[gb.dtype]))
+    return gw, gb, code
+
+
+def backward_apply(geo: tuple[int, int, int, int], dy: Tensor, x: Tensor, stats: Tensor,
+                   weight: Tensor | None, buffer: Tensor, world: int, fields: list[int],
+                   status: Tensor | None = None) -> tuple[Tensor, int]:
+    n, c, s, nsc = geo  # dy: x's dtype and layout (the core makes it so)
+    grad_in = torch.empty_like(x)
+    w = weight
+    code = _kernel.CALLS[x.dtype][3](_APPLY_BWD.pack(
+        float(world), buffer.data_ptr(), buffer.numel(), *fields, dy.data_ptr(), x.data_ptr(),
+        grad_in.data_ptr(), n, c, s, nsc, torch.get_num_threads(), stats.data_ptr(),
+        0 if w is None else w.data_ptr(), 0 if w is None else _CODE[w.dtype]))
+    return grad_in, code
