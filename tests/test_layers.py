@@ -79,22 +79,32 @@ def test_world_size_one_process_group_is_plain_batch_norm(tmp_path):
     ],
 )
 def test_wrong_dim_has_torchs_wording_and_names_the_layer(cls, shape, torch_words):
+    layer = cls(3)
     with pytest.raises(ValueError) as info:
-        cls(3)(torch.randn(shape))
-    assert str(info.value) == f"{cls.__name__}(3): {torch_words}"
+        layer(torch.randn(shape))
+    # an unnamed layer is told apart by its creation number
+    assert str(info.value) == f"{cls.__name__}(3) #{layer._creation_index}: {torch_words}"
 
 
 def test_channel_mismatch_and_dtype_errors_name_layer_expected_and_got():
     net = syncbn.convert_sync_batchnorm(nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(5))))
     with pytest.raises(ValueError, match=r"SyncBatchNorm2d\(5\) '0\.1': expected input with 5 channels in dim 1, got 4"):
         net(torch.randn(2, 1, 3, 3))
-    with pytest.raises(ValueError, match=r"SyncBatchNorm2d\(3\): expected a floating-point input .* got torch.int64"):
+    with pytest.raises(ValueError, match=r"SyncBatchNorm2d\(3\) #\d+: expected a floating-point input .* got torch.int64"):
         syncbn.SyncBatchNorm2d(3)(torch.ones(2, 3, 2, 2, dtype=torch.long))
+
+
+def _pretend_two_ranks(monkeypatch):
+    """Every group has 2 ranks (no process group is initialized: nothing may be sent)."""
+    two = _comm.Group(None)
+    two.size = 2
+    monkeypatch.setattr(_comm, "group", lambda process_group=None: two)
+    monkeypatch.setattr(_comm, "world_size", lambda process_group=None: 2)
 
 
 def test_bad_input_raises_before_any_collective(monkeypatch):
     """With a (pretend) group of 2 ranks, bad input must fail before reaching the all_reduce."""
-    monkeypatch.setattr(_comm, "group_size", lambda group=None: 2)
+    _pretend_two_ranks(monkeypatch)
 
     def no_collective(*args, **kwargs):
         raise AssertionError("a collective was started before the input was checked")
@@ -112,7 +122,7 @@ def test_bad_input_raises_before_any_collective(monkeypatch):
 def test_eval_mode_never_synchronizes(monkeypatch, track):
     """Eval mode makes no collective, also without running statistics (where it normalizes with
     the rank's own batch, like torch.nn.SyncBatchNorm): evaluating on one rank must not wait."""
-    monkeypatch.setattr(_comm, "group_size", lambda group=None: 2)
+    _pretend_two_ranks(monkeypatch)
 
     def no_collective(*args, **kwargs):
         raise AssertionError("eval mode started a collective")
@@ -125,7 +135,7 @@ def test_eval_mode_never_synchronizes(monkeypatch, track):
 
 
 def test_functional_validates_parameter_sizes(monkeypatch):
-    monkeypatch.setattr(_comm, "group_size", lambda group=None: 2)
+    _pretend_two_ranks(monkeypatch)
     from syncbn.functional import sync_batch_norm
     with pytest.raises(ValueError, match="expected weight with 3 elements .* got 4"):
         sync_batch_norm(torch.randn(2, 3), None, None, torch.ones(4), None, training=True)
@@ -300,9 +310,9 @@ def test_bad_shm_setting_names_itself(monkeypatch):
         _settings.get()
 
 
-def test_a_copied_layer_has_its_own_registered_tag():
-    """copy.deepcopy / pickle copy the layer's tag: the integer the registered ops use must name
-    the copy's tag (not the original's, which may be gone)."""
+def test_a_copied_layer_has_its_own_registered_state():
+    """copy.deepcopy / pickle copy the layer's state: the integer the registered ops use must
+    name the copy's state (not the original's, which may be gone), with the same identity."""
     import copy
     import pickle
 
@@ -310,6 +320,6 @@ def test_a_copied_layer_has_its_own_registered_tag():
 
     layer = syncbn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)))[0]
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert clone._tag is not layer._tag
-        assert _pass._tags[clone._layer_id] is clone._tag
-        assert clone._tag.key == layer._tag.key  # the same layer of the same model
+        assert clone._sync is not layer._sync
+        assert _pass._layers[clone._layer_id] is clone._sync
+        assert clone._sync.tag.key == layer._sync.tag.key  # the same layer of the same model

@@ -16,12 +16,11 @@ import torch
 from syncbn import _stats, _wire, backends
 
 CHANNELS = 4
-TAG = _wire.LayerTag.for_layer("features.bn1", 0, "SyncBatchNorm1d(4) 'features.bn1'")
-TAG.forward = TAG.backward = 2
 # A key whose both halves are away from 0, so that a field can step down by one as well as up.
-TAG.key = 0x0005_0009
+TAG = _wire.LayerTag(0x0005_0009, "SyncBatchNorm1d(4) 'features.bn1'")
+PASS = 2
 # ones, layer, layer-high, pass, channels, direction
-BASE = _wire.fields(TAG, _wire.BACKWARD, CHANNELS)
+BASE = _wire.fields(TAG, _wire.BACKWARD, CHANNELS, PASS)
 SIZE = _wire.length(_wire.width_for(CHANNELS))
 # Symmetric offsets: the sum over ranks is W * f on the ranks at offset 0.
 OFFSETS = {3: [-1, 0, 1], 4: [-1, 0, 0, 1], 5: [-2, -1, 0, 1, 2]}
@@ -76,7 +75,7 @@ def test_python_check_catches_every_rank(world, field):
         assert not _wire.header_ok(buffer, f, world), (field, world, r)
         assert not bool(_wire.header_matches(buffer, f, world)), (field, world, r)  # device twin
         error = _wire.mismatch_error(_wire.header(buffer), f, world, TAG, _wire.BACKWARD,
-                                     TAG.backward, f"rank {r}")
+                                     PASS, f"rank {r}")
         assert error is not None, (field, world, r)
         text = str(error)
         assert f"ranks are out of step at {TAG.description}, backward pass #2 on rank {r}" in text

@@ -505,7 +505,7 @@ def misuse(rank: int, world_size: int, cfg: Misuse) -> str:
             # error, trained in a subgroup). Set them as if rank r had run r + 1 forward passes.
             # Rank 1's pass number is then the mean (2 + 3 + 4 == 3 * 3): the sums of the header
             # agree on it, only the sums of squares catch it. Every rank must raise, none wait.
-            model[0]._tag.forward = rank + 1
+            syncbn._comm.group(None).counters(model[0]._sync.tag.key)[0] = rank + 1
             model(x).sum().backward()
         elif scenario == "stall":  # after a step, rank 1 stays away (alive) past the timeout
             model(x).sum().backward()

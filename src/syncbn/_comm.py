@@ -1,5 +1,5 @@
-"""The collective: one all_reduce of a packed buffer (``_wire.py``) per pass, and the groups it
-runs over. With ``_shm.py`` (same-machine set-up), the only code that talks to
+"""The collective: one all_reduce of a packed buffer (``_wire.py``) per pass, and the groups it runs
+over. With ``_shm.py`` (the same-machine transport), the only code that talks to
 ``torch.distributed``.
 
 Distributed invariants enforced here and by the callers:
@@ -10,18 +10,26 @@ Distributed invariants enforced here and by the callers:
 * the reduced buffer is bitwise identical on every rank (the backends compute each element once
   and broadcast it; the shared-memory transport adds the ranks' buffers in rank order on every
   rank), so everything derived from it (running statistics, checks) is too;
-* every syncbn buffer of a group has the same length (:func:`buffer_length`): the group's width
+* every syncbn buffer of a group has the same length (:meth:`Group.length`): the group's width
   starts at ``_wire.MIN_WIDTH`` and grows only when a layer wider than it is *called*, through a
   widening message of the old length that every rank in step sends at the same pass. Layers that
   are built but never called change nothing, and ranks out of step still exchange buffers of one
-  length, whose headers then disagree.
+  length, whose headers then disagree;
+* the settings that change what a rank sends (``SYNCBN_DEBUG``, ``SYNCBN_NONFINITE``,
+  ``SYNCBN_SHM``) agree on every rank: checked at the group's first syncbn collective, by a
+  collective every rank makes whatever its settings.
+
+One :class:`Group` per process group holds what syncbn keeps about it (size, width, transport,
+pass counters, pending header checks); it lives as long as the process group does, so an
+in-process restart (a new group) starts from pass 0.
 
 Transport: a CPU group whose ranks are all on this machine sums the buffers in shared memory
 (``_shm.py``; ``SYNCBN_SHM=off`` turns it off), every other group through the backend's
 ``all_reduce`` (polled on CPU, ``SYNCBN_POLL_US``). Same buffer, same checks, same error
-messages; waits bounded by the group's timeout either way. On CUDA the header check runs on the
-host as soon as the (non-blocking) copy of the header has landed, at the next pass, so the
-forward never waits for the device: the error comes one pass late there.
+messages; waits bounded by the group's timeout either way. On CUDA the header is checked on the
+host without stalling the device: each pass's reduced header is copied (non-blocking, into a
+pinned ring made once per group) and checked ``CHECK_LAG`` collectives later, at the same
+collective on every rank, so that ranks out of step all raise together.
 """
 
 from __future__ import annotations
@@ -40,27 +48,16 @@ from torch import Tensor
 from . import _settings, _shm, _wire
 
 __all__ = [
-    "all_reduce", "buffer_length", "capturing", "check_pending",
-    "collective_seconds",
-    "compiling", "defer_check", "describe_group", "group_size", "resolve", "transport",
-    "verify",
+    "CHECK_LAG", "Group", "all_reduce", "capturing", "check_pending", "collective_seconds",
+    "compiling", "describe_group", "group", "group_size", "transport", "verify", "world_size",
 ]
 
 log = logging.getLogger("syncbn")
 
 _ProcessGroup = getattr(dist, "ProcessGroup", ())  # () when torch.distributed is not built
-_widths: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # per group
-
-
-class _NoGroup:
-    """The key of the width of passes without a process group (one rank)."""
-
-
-_NO_GROUP = _NoGroup()
 _yield = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
-_pending: collections.deque[tuple[Any, Tensor, list[int], _wire.LayerTag, int, int, Any]] = (
-    collections.deque())
 _waited = [0.0]  # seconds this process spent inside syncbn's all_reduce calls
+CHECK_LAG = 4  # CUDA: a pass's header is checked this many collectives of its group later
 
 
 def collective_seconds() -> float:
@@ -88,88 +85,188 @@ def resolve(process_group: Any | None) -> Any | None:
     return dist.GroupMember.WORLD if _ProcessGroup else None  # None before init
 
 
-def group_size(process_group: Any | None = None) -> int:
-    """Number of ranks syncbn would synchronize over; 1 when ``torch.distributed`` is not in use."""
+class Group:
+    """What syncbn keeps about one process group (or about passes without one: ``pg`` None).
+
+    ``size``/``rank``: of this process in the group; ``width``: of its buffers (grows, never
+    shrinks; ``epoch`` counts the changes, so that plans made for an older width are rebuilt);
+    ``passes``: each layer's ``[forward, backward]`` pass counters in this group's life;
+    ``shm``: the same-machine transport, decided at the group's first collective (``ready``).
+    """
+
+    def __init__(self, pg: Any | None) -> None:
+        self.ref: Any = _reference(pg)
+        if pg is None:
+            self.size, self.rank = 1, 0
+        elif isinstance(pg, _ProcessGroup):
+            self.size, self.rank = pg.size(), pg.rank()
+        else:
+            self.size, self.rank = dist.get_world_size(pg), dist.get_rank(pg)
+        self.width, self.epoch = _wire.MIN_WIDTH, 0
+        self.ready = False
+        self.thread: int | None = None  # the thread that runs its synchronized layers
+        self.shm: _shm.LocalGroup | None = None
+        self.passes: dict[int, list[int]] = {}
+        self.collectives = 0  # this group's syncbn collectives so far (the CUDA check's clock)
+        self.pending: collections.deque[tuple[int, Any, Tensor, list[int], _wire.LayerTag, int,
+                                               int]] = collections.deque()
+        self._ring: dict[torch.device, Tensor] = {}
+
+    @property
+    def pg(self) -> Any | None:
+        return self.ref()
+
+    def counters(self, key: int) -> list[int]:
+        """The ``[forward, backward]`` pass counters of the layer ``key`` in this group."""
+        return self.passes.setdefault(key, [0, 0])
+
+    def length(self, channels: int, tag: _wire.LayerTag, counters: list[int],
+               device: torch.device) -> int:
+        """The length of the group's buffers for a layer of ``channels``; when the layer is
+        wider than the group's width, the group first widens (one collective of the old length,
+        the same on every rank in step; out-of-step ranks get the mismatch error instead)."""
+        if channels > self.width:
+            new = _wire.width_for(channels)
+            if self.size > 1:
+                fields = _wire.fields(tag, _wire.WIDEN, new, counters[0])
+                buffer = _wire.pack(torch.zeros(0, dtype=torch.float64, device=device), fields,
+                                    _wire.length(self.width))
+                all_reduce(buffer, self, tag, _wire.WIDEN, counters[0], fields)
+                verify(buffer, fields, tag, _wire.WIDEN, counters[0], self)  # CUDA: a host sync,
+            self.width, self.epoch = new, self.epoch + 1  # once per widening
+        return _wire.length(self.width)
+
+    def describe(self) -> str:
+        """``"rank r (rank i of W in its group)"`` for error messages."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return "no process group"
+        return f"rank {dist.get_rank()} (rank {self.rank} of {self.size} in its group)"
+
+    def ring(self, device: torch.device) -> Tensor:
+        """Pinned host slots for the CUDA header checks (made once per group and device)."""
+        ring = self._ring.get(device)
+        if ring is None:
+            ring = self._ring[device] = torch.empty(
+                (CHECK_LAG + 2, 2 * len(_wire.FIELDS) + 2), dtype=torch.float64, pin_memory=True)
+        return ring
+
+
+def _reference(pg: Any | None) -> Any:
+    """A weak reference to ``pg`` (a Group must not keep its group alive), or a strong one
+    for objects that cannot be weakly referenced (stand-ins)."""
+    try:
+        return weakref.ref(pg)  # type: ignore[arg-type]
+    except TypeError:
+        return lambda: pg
+
+
+_groups: weakref.WeakKeyDictionary[Any, Group] = weakref.WeakKeyDictionary()
+_strong: dict[int, Group] = {}
+_no_group = Group(None)
+
+
+def group(process_group: Any | None) -> Group:
+    """The :class:`Group` of ``process_group`` (``None``: the default group; without
+    ``torch.distributed``, a group of one rank)."""
     pg = resolve(process_group)
     if pg is None:
-        return 1
-    if isinstance(pg, _ProcessGroup):  # asked on every pass: the direct question
-        return pg.size()  # type: ignore[no-any-return]
-    return dist.get_world_size(pg)
+        return _no_group
+    try:
+        found = _groups.get(pg)
+        if found is None:
+            found = _groups[pg] = Group(pg)
+    except TypeError:  # cannot be weakly referenced (a stand-in): kept
+        found = _strong.get(id(pg))
+        if found is None:
+            found = _strong[id(pg)] = Group(pg)
+    return found
+
+
+def world_size(process_group: Any | None) -> int:
+    """The group's size asked directly (0 without torch.distributed): what torch.compile
+    traces, where :func:`group`'s lookup cannot be."""
+    pg = resolve(process_group)
+    if pg is None:
+        return 0
+    return pg.size() if isinstance(pg, _ProcessGroup) else dist.get_world_size(pg)  # type: ignore[no-any-return]
+
+
+def group_size(process_group: Any | None = None) -> int:
+    """Number of ranks syncbn would synchronize over; 1 when ``torch.distributed`` is not in use."""
+    return group(process_group).size
 
 
 def describe_group(process_group: Any | None = None) -> str:
     """``"rank r (rank i of W in its group)"`` for error messages."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return "no process group"
-    return (f"rank {dist.get_rank()} (rank {dist.get_rank(process_group)} of "
-            f"{group_size(process_group)} in its group)")
+    return group(process_group).describe()
 
 
 def transport(process_group: Any | None = None) -> str:
-    """How syncbn's CPU collectives on this group travel: ``"shm"`` (shared memory) once set
-    up, else the backend's name (before the group's first syncbn collective: the backend's)."""
-    pg = resolve(process_group)
-    return "none" if pg is None else _shm.transport(pg)
+    """How syncbn's collectives on this group travel: ``"shm"`` (shared memory) once set up,
+    else the backend's name (``"none"`` without a process group)."""
+    g = group(process_group)
+    if g.pg is None:
+        return "none"
+    return "shm" if g.shm is not None else str(dist.get_backend(g.pg))
 
 
-def buffer_length(process_group: Any | None, channels: int, tag: _wire.LayerTag,
-                  device: torch.device) -> int:
-    """The length of the group's buffers for a layer of ``channels``; when the layer is wider
-    than the group's width, the group first widens (one collective of the old length, the same
-    on every rank in step; out-of-step ranks get the mismatch error instead)."""
-    pg = resolve(process_group)
-    key = pg if pg is not None else _NO_GROUP
-    width = _widths.get(key, _wire.MIN_WIDTH)
-    if channels > width:
-        new = _wire.width_for(channels)
-        if group_size(pg) > 1:
-            fields = _wire.fields(tag, _wire.WIDEN, new)
-            buffer = _wire.pack(torch.zeros(0, dtype=torch.float64, device=device), fields,
-                                _wire.length(width))
-            all_reduce(buffer, pg, tag, _wire.WIDEN, 0)
-            verify(buffer, fields, tag, _wire.WIDEN, pg)  # on CUDA a host sync: once per widening
-        width = _widths[key] = new
-    return _wire.length(width)
-
-
-def all_reduce(buffer: Tensor, process_group: Any | None, tag: _wire.LayerTag, direction: int,
-               payload_size: int, shape: tuple[int, ...] = ()) -> int:
-    """THE collective: sum ``buffer`` (a packed float64 buffer of :func:`buffer_length`) over the
-    group, in place; errors are rewrapped naming the layer. Returns the group's size (the header
-    check needs it). ``payload_size`` and ``shape`` are only reported, in debug mode."""
-    if _pending and not capturing(buffer):  # earlier CUDA passes' headers (this runs eagerly,
-        check_pending()  # also inside registered ops; not while a CUDA graph is captured)
-    pg = resolve(process_group)
-    world = pg.size() if isinstance(pg, _ProcessGroup) else group_size(pg)
-    if world == 1:
-        return world  # a group of one rank: the sum is the buffer itself, nothing to wait for
-    count = tag.passes(direction)
-    settings = _settings.get()
+def all_reduce(buffer: Tensor, group: Group, tag: _wire.LayerTag, direction: int, count: int,
+               fields: list[int], payload_size: int = 0, shape: tuple[int, ...] = ()) -> None:
+    """THE collective: sum ``buffer`` (a packed float64 buffer of :meth:`Group.length`) over the
+    group, in place; errors are rewrapped naming the layer. ``count`` is the pass number and
+    ``fields`` the header the buffer carries (for messages and the CUDA check);
+    ``payload_size`` and ``shape`` are only reported, in debug mode."""
+    if group.pending and not capturing(buffer):  # earlier CUDA passes' headers, at the same
+        check_pending(group)  # collective on every rank (not while a CUDA graph is captured)
+    group.collectives += 1
+    settings = _settings.current or _settings.get()
+    if group.size == 1 and not settings.force_sync:
+        return  # a group of one rank: the sum is the buffer itself, nothing to wait for
+    pg = group.ref()
+    if not group.ready:
+        _setup(group, buffer)
     if settings.debug:
-        _debug_gather(_wire.payload(buffer, payload_size), tag, direction, count, pg, shape)
+        _debug_gather(_wire.payload(buffer, payload_size), tag, direction, count, group, shape)
     start = time.perf_counter()
     try:
-        local = _shm.local_group(pg, buffer)
-        if local is not None:
-            local.all_reduce(buffer, spin_us=settings.poll_us)
+        if group.shm is not None and buffer.is_cpu:
+            group.shm.all_reduce(buffer, spin_us=settings.poll_us)
         else:
             work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=pg, async_op=True)
-            if buffer.device.type == "cpu":
+            if buffer.is_cpu:
                 _poll(work, start, settings.poll_us)
             work.wait()
     except RuntimeError as e:  # a timeout, a peer that exited, a backend error
-        raise RuntimeError(
+        raise _wire.SyncBatchNormError(
             f"syncbn: {tag.description} failed in the all_reduce of its "
-            f"{_wire.DIRECTIONS[direction]} pass #{count} on {describe_group(pg)}: {e}\n"
+            f"{_wire.DIRECTIONS[direction]} pass #{count} on {group.describe()}: {e}\n"
             f"{_hint(str(e))}"
         ) from e
     finally:
         _waited[0] += time.perf_counter() - start
     if settings.debug >= 2:
         log.info("syncbn: %s %s pass #%d synced over %d ranks (%d numbers)",
-                 tag.description, _wire.DIRECTIONS[direction], count, world, buffer.numel())
-    return world
+                 tag.description, _wire.DIRECTIONS[direction], count, group.size, buffer.numel())
+    if buffer.is_cuda and not capturing(buffer):
+        _defer_check(buffer, group, tag, direction, count, fields)
+
+
+def _setup(group: Group, buffer: Tensor) -> None:
+    """At the group's first syncbn collective, on every rank: the settings that change what a
+    rank sends must agree (one small all_reduce on the buffer's device); then a CPU group
+    decides its transport (``_shm.setup``)."""
+    settings = _settings.get()
+    values = _wire.settings_values(settings)
+    check = torch.tensor(_wire.settings_buffer(values), dtype=torch.float64).to(buffer.device)
+    dist.all_reduce(check, op=dist.ReduceOp.SUM, group=group.pg)
+    problem = _wire.settings_problem(check.tolist(), values, group.size)
+    if problem:
+        raise _wire.SyncBatchNormError(
+            f"syncbn: {group.describe()}: {problem}. These settings must be the same on every "
+            "rank of a group (unset them everywhere for the defaults).")
+    if buffer.is_cpu and settings.shm != "off":
+        group.shm = _shm.setup(group.pg, buffer.numel(), group.describe())
+    group.ready = True
 
 
 _TIMEOUT_HINT = (
@@ -215,45 +312,50 @@ def _poll(work: Any, start: float, budget_us: float) -> None:
         _yield()
 
 
-def verify(buffer: Tensor, fields: list[int], tag: _wire.LayerTag, direction: int,
-           process_group: Any | None = None) -> None:
+def verify(buffer: Tensor, fields: list[int], tag: _wire.LayerTag, direction: int, count: int,
+           group: Group) -> None:
     """Raise the out-of-step error if the reduced buffer's header shows that the ranks were not
     all at the same layer, pass and direction (a host read of the header)."""
-    error = _wire.mismatch_error(_wire.header(buffer), fields, group_size(process_group), tag,
-                                 direction, tag.passes(direction), describe_group(process_group))
+    error = _wire.mismatch_error(_wire.header(buffer), fields, group.size, tag, direction, count,
+                                 group.describe())
     if error is not None:
         raise error
 
 
-def defer_check(buffer: Tensor, fields: list[int], tag: _wire.LayerTag, direction: int,
-                process_group: Any | None) -> None:
-    """CUDA: copy the reduced header to the host without waiting; :func:`check_pending` (at the
-    next collective) verifies it once it has landed."""
-    checks = _wire.header(buffer)
-    host = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
-    host.copy_(checks, non_blocking=True)
+def _defer_check(buffer: Tensor, group: Group, tag: _wire.LayerTag, direction: int,
+                 count: int, fields: list[int]) -> None:
+    """CUDA: copy the reduced header into a slot of the group's pinned ring without waiting;
+    :func:`check_pending` verifies it ``CHECK_LAG`` collectives later."""
+    ring = group.ring(buffer.device)
+    slot = ring[group.collectives % ring.shape[0]]
+    slot.copy_(_wire.header(buffer), non_blocking=True)
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(buffer.device))  # the stream the copy went on
-    _pending.append((event, host, fields, tag, direction, tag.passes(direction), process_group))
+    group.pending.append((group.collectives, event, slot, list(fields), tag, direction, count))
 
 
-def check_pending(wait: bool = False) -> None:
-    """Verify the headers of earlier CUDA passes whose copy to the host has landed (all of them
-    with ``wait=True``); raise the mismatch error if any pass met another layer."""
-    while _pending and (wait or _pending[0][0].query()):
-        event, host, fields, tag, direction, count, group = _pending.popleft()
-        event.synchronize()
-        error = _wire.mismatch_error(host, fields, group_size(group), tag, direction, count,
-                                     describe_group(group))
-        if error is not None:
-            raise error
+def check_pending(group: Group | None = None, wait: bool = False) -> None:
+    """Verify the headers of earlier CUDA passes of ``group`` (every group when None) whose turn
+    has come (``CHECK_LAG`` collectives later; all of them with ``wait=True``); raise the
+    out-of-step error if a pass met another layer. The turn depends only on the group's count of
+    collectives, the same on every rank: every rank raises at the same collective."""
+    groups = [group] if group is not None else [*_groups.values(), *_strong.values()]
+    for g in groups:
+        while g.pending and (wait or g.pending[0][0] <= g.collectives - CHECK_LAG):
+            _, event, slot, fields, tag, direction, count = g.pending.popleft()
+            event.synchronize()  # long done, usually: CHECK_LAG collectives ago
+            error = _wire.mismatch_error(slot.clone(), fields, g.size, tag, direction, count,
+                                         g.describe())
+            if error is not None:
+                g.pending.clear()
+                raise error
 
 
 _MAX_DIMS = 8  # input dims reported in debug mode
 
 
 def _debug_gather(payload: Tensor, tag: _wire.LayerTag, direction: int, count: int,
-                  process_group: Any | None, shape: tuple[int, ...]) -> None:
+                  group: Group, shape: tuple[int, ...]) -> None:
     """Debug mode: every rank's view (fixed size, so safe to gather), compared before the sum."""
     finite = bool(torch.isfinite(payload).all())
     channels = shape[1] if len(shape) > 1 else 0
@@ -261,12 +363,11 @@ def _debug_gather(payload: Tensor, tag: _wire.LayerTag, direction: int, count: i
     view = torch.tensor([tag.key, count, channels, direction, float(finite), *dims],
                         dtype=torch.float64)
     view = view.to(payload.device)
-    world = group_size(process_group)
-    views = [torch.empty_like(view) for _ in range(world)]
-    dist.all_gather(views, view, group=process_group)
+    pg = group.pg
+    views = [torch.empty_like(view) for _ in range(group.size)]
+    dist.all_gather(views, view, group=pg)
     rows = [v.tolist() for v in views]
-    ranks = (dist.get_process_group_ranks(process_group) if process_group is not None
-             else list(range(world)))
+    ranks = dist.get_process_group_ranks(pg)
     same = all(r[:4] == rows[0][:4] for r in rows)
     bad = [ranks[i] for i, r in enumerate(rows) if not r[4]]
     if same and not bad:
@@ -279,7 +380,8 @@ def _debug_gather(payload: Tensor, tag: _wire.LayerTag, direction: int, count: i
         for i, r in enumerate(rows)
     )
     if not same:
-        raise RuntimeError(f"syncbn (SYNCBN_DEBUG): ranks are out of step at {tag.description}:\n"
-                           f"{table}\n{_wire.CAUSES}")
-    raise RuntimeError(f"syncbn (SYNCBN_DEBUG): non-finite values in the local statistics of "
-                       f"{tag.description} on rank(s) {bad}:\n{table}")
+        raise _wire.OutOfStepError(
+            f"syncbn (SYNCBN_DEBUG): ranks are out of step at {tag.description}:\n"
+            f"{table}\n{_wire.CAUSES}")
+    raise _wire.NonFiniteError(f"syncbn (SYNCBN_DEBUG): non-finite values in the local "
+                               f"statistics of {tag.description} on rank(s) {bad}:\n{table}")

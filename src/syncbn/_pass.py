@@ -1,4 +1,4 @@
-"""The math of one synchronized batch-norm pass, and the two ways it is called.
+"""One synchronized batch-norm pass: the layer's plan, the autograd Function, the registered ops.
 
 Each direction is ``reduce -> one all_reduce -> apply``::
 
@@ -10,22 +10,29 @@ Each direction is ``reduce -> one all_reduce -> apply``::
               _comm.all_reduce         the one collective               (2C numbers + header)
               backend.backward_apply   header check, grad_input
 
-A backend (``_backend_c.py`` the fused C kernel, ``_backend_torch.py`` torch operators,
-``_backend_triton.py`` Triton) implements those four steps and nothing else; all of them write
-and read the same buffer (``_wire.py``), so ranks on different backends can meet in one group.
-``stats`` is ``[mean (C), invstd (C), count (1)]`` in float64, whichever backend made it.
+A backend (``syncbn.backends``) implements those four steps; ``stats`` is ``[mean (C), invstd
+(C), count (1)]`` in float64, whichever backend made it.
 
-Two doors to the same passes: eagerly, :class:`SyncBatchNormFunction` calls them directly (the
-fewest Python steps); under ``torch.compile`` it calls them through the registered ops
-``syncbn::forward`` and ``syncbn::backward``, which dynamo sees as opaque, known operators (with
-fake implementations for tracing), so a synchronized model compiles with ``fullgraph=True`` and
-its checks still run, at run time, inside the ops. Registered ops cost ~14 us per call more than
-a direct call in eager mode (benchmarks/RESULTS.md, section 0), which is why eager does not use
-them.
+**The plan.** What does not change between passes of a layer is decided once, in a
+:class:`Plan`: the backend and its geometry of the input, the group (:class:`syncbn._comm.Group`),
+the buffer length and header template, the layer's pass counters in that group, the settings,
+a reusable CPU buffer. :func:`plan` rebuilds it only when the input's shape, strides, dtype or
+device, the per-channel tensors' dtypes, the layer's group, the group's width or the settings
+change; a steady-state pass makes a handful of Python calls.
+
+**Two doors.** Eagerly, :class:`SyncBatchNormFunction` runs a plan's passes directly (the fewest
+Python steps). Under ``torch.compile``, :class:`CompiledSyncBatchNorm` calls the registered ops
+``syncbn::forward`` / ``syncbn::backward``, which dynamo sees as opaque, known operators (with
+fake implementations), so a synchronized model compiles with ``fullgraph=True`` and its checks
+run at run time inside the ops. Ops take layers and groups as integers (:func:`layer_id`,
+:func:`group_id`, looked up when a layer is built or its group set, never while dynamo traces).
+A registered op costs ~14 us per call more than a direct call (benchmarks/RESULTS.md, section 0),
+which is why eager does not use them.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, Optional  # Optional: custom_op reads the annotations at run time
 
@@ -35,13 +42,316 @@ from torch.autograd.function import once_differentiable
 
 from . import _comm, _settings, _stats, _wire, backends
 
-__all__ = ["SyncBatchNormFunction", "backend_for", "backward_pass", "forward_pass",
-           "group_id", "layer_id"]
+__all__ = ["CompiledSyncBatchNorm", "LayerState", "Plan", "SyncBatchNormFunction", "backward",
+           "check_input", "forward", "group_id", "layer_id", "plan", "will_sync"]
 
+
+def check_input(input: Tensor, num_features: int | None, who: str) -> None:
+    """Raise ``ValueError`` (before any collective) for input no batch norm can take.
+
+    ``who`` names the caller in the message, e.g. ``"SyncBatchNorm2d(64) 'backbone.bn1'"``.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{who}: expected a torch.Tensor input, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"{who}: expected at least 2D input (got {input.dim()}D input)")
+    if not input.is_floating_point():
+        raise ValueError(
+            f"{who}: expected a floating-point input (float16, bfloat16, float32 or float64), "
+            f"got {input.dtype}"
+        )
+    if num_features is not None and input.shape[1] != num_features:
+        raise ValueError(
+            f"{who}: expected input with {num_features} channels in dim 1, got {input.shape[1]} "
+            f"(input size {tuple(input.shape)})"
+        )
+
+
+def will_sync(process_group: Any | None) -> bool:
+    """Whether a training pass over ``process_group`` synchronizes: the group has more than one
+    rank (or ``SYNCBN_FORCE_SYNC`` and a group of one). What torch.compile traces; eager passes
+    ask their plan."""
+    size = _comm.world_size(process_group)
+    return size > 1 or (size == 1 and _settings.get().force_sync)
+
+
+class LayerState:
+    """What a synchronized layer (or a functional call site) keeps between passes: its tag
+    (identity in the header and in messages), its current plan, and ``check``, which raises
+    for input the layer cannot take (run whenever a plan is made)."""
+
+    def __init__(self, tag: _wire.LayerTag, check: Any) -> None:
+        self.tag = tag
+        self.check = check
+        self.plan: Plan | None = None
+
+
+class Plan:
+    """Everything a layer's pass needs that does not change between passes (see the module
+    docstring); ``key`` is what it was made for."""
+
+    def __init__(self, state: LayerState, key: tuple[Any, ...], group: _comm.Group,
+                 input: Tensor, params: tuple[Tensor | None, ...],
+                 settings: _settings.Settings, sync: bool) -> None:
+        self.key, self.group, self.settings, self.tag = key, group, settings, state.tag
+        self.sync = sync  # False: the pass is plain batch norm (one rank), nothing else is set
+        self.used: Tensor | None = None  # SYNCBN_NONFINITE=skip: 1 if the last batch counted
+        self.epoch = group.epoch
+        self.thread = threading.get_ident()  # (the group's, when it synchronizes)
+        if not sync:
+            return
+        self.backend, self.geo = backends.select(input, *params)
+        channels = self.channels = input.shape[1]
+        self.counters = group.counters(state.tag.key)
+        self.length = group.length(channels, state.tag, self.counters, input.device)
+        self.epoch = group.epoch  # after a widening
+        self.fwd = _wire.fields(state.tag, _wire.FORWARD, channels, 0)
+        self.bwd = _wire.fields(state.tag, _wire.BACKWARD, channels, 0)
+        self.policy = _wire.POLICIES[settings.nonfinite]
+        self.status = self.backend.STATUS_WORD and not input.is_cpu
+        self.device = input.device
+        # A CPU buffer is reused from pass to pass (each pass is done with it before the next
+        # starts); on a device each pass allocates its own (the caching allocator is cheap, and
+        # a captured CUDA graph must own its memory).
+        self.buffer = (torch.empty(self.length, dtype=torch.float64) if input.is_cpu else None)
+        self.local_count = _stats.local_count(input)
+
+
+def plan(state: LayerState, input: Tensor, params: tuple[Tensor | None, ...],
+         process_group: Any | None) -> Plan:
+    """The layer's plan for a training pass on ``input`` with ``params`` (weight, bias, running
+    mean, running var); ``plan.sync`` False: the pass does not synchronize (a group of one
+    rank, unless ``SYNCBN_FORCE_SYNC``). Rebuilt only when what it was made for changed."""
+    current = state.plan
+    w, b, rm, rv = params
+    key = (input.shape, input.stride(), input.dtype, input.device,
+           None if w is None else w.dtype, None if b is None else b.dtype,
+           None if rm is None else rm.dtype, None if rv is None else rv.dtype)
+    if (current is not None and current.key == key and current.settings is _settings.current
+            and current.group.ref() is _comm.resolve(process_group)
+            and current.epoch == current.group.epoch and current.thread == threading.get_ident()):
+        return current
+    state.check(input)
+    settings = _settings.get()
+    group = _comm.group(process_group)
+    sync = group.size > 1 or (settings.force_sync and group.ref() is not None)
+    if sync:
+        thread = threading.get_ident()
+        if group.thread is not None and group.thread != thread:
+            raise _wire.SyncBatchNormError(
+                f"syncbn: {state.tag.description} runs in another thread than the synchronized "
+                f"layers of its process group before it ({group.describe()}): the synchronized "
+                "layers of one process group must run in one thread (the ranks' collectives "
+                "would interleave). Use one process per device (or one process group per "
+                "thread), or syncbn.DataParallel for replicas in threads.")
+        group.thread = thread
+    state.plan = Plan(state, key, group, input, params, settings, sync)
+    return state.plan
+
+
+def forward(p: Plan, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+            running_mean: Tensor | None, running_var: Tensor | None, eps: float,
+            momentum: float) -> tuple[Tensor, Tensor]:
+    """Normalize ``input`` with the global batch statistics; ``(out, stats)``. Running
+    statistics (when given) are updated in place from the reduced buffer, identically on every
+    rank. Every rank must call it, in the same order as the others, even with an empty shard."""
+    counters = p.counters
+    counters[0] += 1
+    count = counters[0]
+    fields = p.fwd
+    fields[3] = count % _wire.FIELD_LIMIT
+    buffer = p.buffer if p.buffer is not None else torch.empty(
+        p.length, dtype=torch.float64, device=p.device)
+    backend = p.backend
+    # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> length
+    code = backend.forward_reduce(p.geo, input, buffer, fields)
+    if code:
+        _raise(code, buffer, fields, p, _wire.FORWARD, count)
+    _comm.all_reduce(buffer, p.group, p.tag, _wire.FORWARD, count, fields, 2 * p.channels + 1,
+                     input.shape)
+    if p.local_count <= 1:
+        running_mean, running_var = _small_batch(p, input, buffer, fields, count, running_mean,
+                                                 running_var)
+    status = _status_word(p) if p.status else None
+    out, stats, code = backend.forward_apply(p.geo, input, buffer, p.group.size, fields, weight,
+                                             bias, running_mean, running_var, eps, momentum,
+                                             p.policy, status)
+    if status is not None and p.policy == _wire.POLICIES["raise"] and not _comm.capturing(input):
+        code = int(status.item())  # a device sync on GPU, as documented for this policy
+    if code:
+        _raise(code, buffer, fields, p, _wire.FORWARD, count)
+    if p.policy == _wire.POLICIES["skip"]:  # a skipped batch is not counted either (no sync)
+        p.used = torch.isfinite(_wire.payload(buffer, 2 * p.channels + 1)).all().long()
+    return out, stats
+
+
+def _small_batch(p: Plan, input: Tensor, buffer: Tensor, fields: list[int], count: int,
+                 running_mean: Tensor | None, running_var: Tensor | None,
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """A shard of 0 or 1 values per channel cannot prove the global count is >= 2: read it
+    (a rare device sync; every rank of a global batch of 1 value takes this branch, so all of
+    them raise together). Under CUDA-graph capture there is no host: the backends then skip
+    the running statistics of a global count below 2 on the device."""
+    if _comm.capturing(buffer):
+        return running_mean, running_var
+    _comm.verify(buffer, fields, p.tag, _wire.FORWARD, count, p.group)
+    total = int(buffer[2 * p.channels + 1].item())
+    if total == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{input.size()} on {p.group.describe()} and 1 value per channel in the global "
+            "batch")
+    if total == 0:  # nothing to normalize and nothing to learn from
+        return None, None
+    return running_mean, running_var
+
+
+def _status_word(p: Plan) -> Tensor:
+    """Where a backend that says ``STATUS_WORD = True`` (Triton) puts its result code without a
+    host sync. Read by the host only under ``SYNCBN_NONFINITE=raise`` (a fresh word: one fill
+    kernel); otherwise the header is checked later (``syncbn._comm``) and the word is a
+    per-device scratch that nobody reads."""
+    if p.policy == _wire.POLICIES["raise"]:
+        return torch.zeros(1, dtype=torch.int32, device=p.device)
+    word = _scratch_words.get(p.device)
+    if word is None:
+        word = _scratch_words[p.device] = torch.zeros(1, dtype=torch.int32, device=p.device)
+    return word
+
+
+_scratch_words: dict[torch.device, Tensor] = {}
+
+
+def backward(p: Plan, grad_output: Tensor, input: Tensor, weight: Tensor | None, stats: Tensor,
+             need_input: bool, weight_dtype: torch.dtype | None,
+             bias_dtype: torch.dtype | None) -> tuple[Tensor | None, ...]:
+    """``(grad_input, grad_weight, grad_bias)``; the weight/bias gradients are this rank's
+    share (DDP, or the user, sums them over ranks). The collective runs only when the input
+    needs a gradient: decided by the model's structure, the same on every rank."""
+    dy = grad_output
+    if dy.dtype != input.dtype or dy.stride() != input.stride():
+        dy = _like(grad_output, input)
+    buffer = fields = None
+    count = 0
+    if need_input:
+        p.counters[1] += 1
+        count = p.counters[1]
+        fields = p.bwd
+        fields[3] = count % _wire.FIELD_LIMIT
+        buffer = p.buffer if p.buffer is not None else torch.empty(
+            p.length, dtype=torch.float64, device=p.device)
+    backend = p.backend
+    # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> length
+    grad_weight, grad_bias, code = backend.backward_reduce(p.geo, dy, input, stats, buffer,
+                                                           fields or p.bwd, weight_dtype,
+                                                           bias_dtype)
+    if code:
+        _raise(code, buffer, p.bwd, p, _wire.BACKWARD, count)
+    grad_input = None
+    if buffer is not None and fields is not None:
+        _comm.all_reduce(buffer, p.group, p.tag, _wire.BACKWARD, count, fields, 2 * p.channels,
+                         input.shape)
+        grad_input, code = backend.backward_apply(p.geo, dy, input, stats, weight, buffer,
+                                                  p.group.size, fields,
+                                                  _status_word(p) if p.status else None)
+        if code:
+            _raise(code, buffer, fields, p, _wire.BACKWARD, count)
+    return grad_input, grad_weight, grad_bias
+
+
+def _like(grad_output: Tensor, input: Tensor) -> Tensor:
+    """``grad_output`` in the input's dtype and memory layout (what the backends read; skipped
+    in the usual case: autograd hands back the output's layout)."""
+    if input.is_contiguous():
+        layout = torch.contiguous_format
+    elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        layout = torch.channels_last
+    elif input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        layout = torch.channels_last_3d
+    else:
+        return grad_output.to(input.dtype)
+    if grad_output.dtype != input.dtype or not grad_output.is_contiguous(memory_format=layout):
+        grad_output = grad_output.to(input.dtype).contiguous(memory_format=layout)
+    return grad_output
+
+
+def _raise(code: int, buffer: Tensor | None, fields: list[int], p: Plan, direction: int,
+           count: int) -> None:
+    """The error of a backend's result code."""
+    if code == _wire.MISMATCH and buffer is not None:
+        _comm.verify(buffer, fields, p.tag, direction, count, p.group)  # raises, explaining
+    if code == _wire.NONFINITE:
+        raise _wire.NonFiniteError(
+            f"syncbn: non-finite values (NaN or Inf) in the global batch statistics of "
+            f"{p.tag.description}, forward pass #{count} (SYNCBN_NONFINITE=raise), raised on "
+            "every rank. Run with SYNCBN_DEBUG=1 to see which rank's data produced them.")
+    raise MemoryError(f"syncbn: {p.tag.description}: out of memory in the "
+                      f"{_wire.DIRECTIONS[direction]} pass (result code {code})")
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm with statistics over every rank of a process group, eagerly:
+    ``apply(input, weight, bias, running_mean, running_var, eps, momentum, plan)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+        running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float,
+        p: Plan,
+    ) -> Tensor:
+        out, stats = forward(p, input, weight, bias, running_mean, running_var, eps, momentum)
+        ctx.save_for_backward(input, weight, stats)
+        ctx.plan = p  # the backward takes the forward's plan as it is
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, weight, stats = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grads = backward(ctx.plan, grad_output, input, weight, stats, need_input,
+                         weight.dtype if need_weight else None,
+                         ctx.bias_dtype if need_bias else None)
+        return (*grads, None, None, None, None, None)
+
+
+class CompiledSyncBatchNorm(torch.autograd.Function):
+    """The same pass under ``torch.compile``, through the registered ops: ``apply(input, weight,
+    bias, running_mean, running_var, eps, momentum, group, layer)`` with the integers of
+    :func:`group_id` and :func:`layer_id`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+        running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float,
+        group: int, layer: int,
+    ) -> Tensor:
+        out, stats = torch.ops.syncbn.forward(input, weight, bias, running_mean, running_var,
+                                              eps, momentum, group, layer)
+        ctx.save_for_backward(input, weight, stats)
+        ctx.group, ctx.layer = group, layer
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out  # type: ignore[no-any-return]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, weight, stats = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        gi, gw, gb = torch.ops.syncbn.backward(grad_output, input, weight, stats, ctx.group,
+                                               ctx.layer, need_input, need_weight, need_bias,
+                                               ctx.bias_dtype or input.dtype)
+        return (gi if need_input else None, gw if need_weight else None,
+                gb if need_bias else None, None, None, None, None, None, None)
+
+
+# ------------------------------------------------------------------------------ registered ops
 # Layers and groups as registered ops take them: integers (an op cannot take Python objects),
-# held weakly: a layer holds its tag, and the caller its group, while a pass runs.
+# held weakly: a layer holds its state, and the caller its group, while a pass runs.
 _groups: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-_tags: weakref.WeakValueDictionary[int, _wire.LayerTag] = weakref.WeakValueDictionary()
+_strong_groups: dict[int, Any] = {}
+_layers: weakref.WeakValueDictionary[int, LayerState] = weakref.WeakValueDictionary()
 
 
 def group_id(process_group: Any | None) -> int:
@@ -57,9 +367,6 @@ def group_id(process_group: Any | None) -> int:
     return key
 
 
-_strong_groups: dict[int, Any] = {}
-
-
 def _group(key: int) -> Any | None:
     if key == 0:
         return None
@@ -67,216 +374,29 @@ def _group(key: int) -> Any | None:
     return group if group is not None else _strong_groups[key]
 
 
-def layer_id(tag: _wire.LayerTag) -> int:
-    """The integer a registered op takes for a layer's tag (which the caller keeps alive)."""
-    key = id(tag)
-    _tags[key] = tag
+def layer_id(state: LayerState) -> int:
+    """The integer a registered op takes for a layer's state (which the layer keeps alive)."""
+    key = id(state)
+    _layers[key] = state
     return key
 
 
-def backend_for(input: Tensor, *params: Tensor | None) -> Any:
-    """The backend and geometry of a pass on this input (``backends.select``)."""
-    return backends.select(input, *params)
+def _op_plan(layer: int, group: int, input: Tensor, params: tuple[Tensor | None, ...]) -> Plan:
+    p = plan(_layers[layer], input, params, _group(group))
+    if not p.sync:  # the layer decided to synchronize while tracing; the group has one rank
+        raise _wire.SyncBatchNormError(
+            f"syncbn: {_layers[layer].tag.description}: its process group has one rank at run "
+            "time, but more when the model was compiled")
+    return p
 
 
-def _like(grad_output: Tensor, input: Tensor) -> Tensor:
-    """``grad_output`` in the input's dtype and memory layout (what the backends read; the
-    caller skips this in the usual case: autograd hands back the output's layout)."""
-    if input.is_contiguous():
-        layout = torch.contiguous_format
-    elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-        layout = torch.channels_last
-    elif input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
-        layout = torch.channels_last_3d
-    else:
-        return grad_output.to(input.dtype)
-    if grad_output.dtype != input.dtype or not grad_output.is_contiguous(memory_format=layout):
-        grad_output = grad_output.to(input.dtype).contiguous(memory_format=layout)
-    return grad_output
-
-
-def forward_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
-                 running_mean: Tensor | None, running_var: Tensor | None, eps: float,
-                 momentum: float, process_group: Any | None, tag: _wire.LayerTag,
-                 backend: Any = None) -> tuple[Tensor, Tensor]:
-    """Normalize ``input`` with the global batch statistics; ``(out, stats)``. Running
-    statistics (when given) are updated in place from the reduced buffer, identically on every
-    rank. Every rank must call it, in the same order as the others, even with an empty shard."""
-    if backend is None:
-        backend = backend_for(input, weight, bias, running_mean, running_var)
-    backend, geo = backend
-    channels = input.shape[1]
-    size = _comm.buffer_length(process_group, channels, tag, input.device)
-    tag.forward += 1
-    fields = _wire.fields(tag, _wire.FORWARD, channels)
-    buffer = torch.empty(size, dtype=torch.float64, device=input.device)
-    # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> size
-    if backend.forward_reduce(geo, input, buffer, fields):  # a result code; None or OK: done
-        raise MemoryError(f"syncbn: {tag.description}: out of memory in the forward")
-    world = _comm.all_reduce(buffer, process_group, tag, _wire.FORWARD, 2 * channels + 1,
-                             tuple(input.shape))
-    # The global count is read on the host only when this shard alone cannot prove it is >= 2
-    # (a shard of 0 or 1 values per channel): a rare device sync, and every rank of a global
-    # batch of 1 value takes this branch, so all of them raise together. Under CUDA-graph
-    # capture there is no host: the backends then skip the running statistics of a global
-    # count below 2 on the device (a global batch of 1 value is not an error there).
-    capturing = _comm.capturing(buffer)
-    if _stats.local_count(input) <= 1 and not capturing:
-        _comm.verify(buffer, fields, tag, _wire.FORWARD, process_group)
-        total = int(buffer[2 * channels + 1].item())
-        if total == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{input.size()} on {_comm.describe_group(process_group)} and 1 value per "
-                "channel in the global batch")
-        if total == 0:  # nothing to normalize and nothing to learn from
-            running_mean = running_var = None
-    policy = _wire.POLICIES[_settings.get().nonfinite]
-    status = (_status_word(input, fresh=policy == _wire.POLICIES["raise"])
-              if _wants_status(backend, input) else None)
-    out, stats, code = backend.forward_apply(geo, input, buffer, world, fields, weight, bias,
-                                             running_mean, running_var, eps, momentum, policy,
-                                             status)
-    if status is not None and not capturing and (
-            policy == _wire.POLICIES["raise"]):
-        code = int(status.item())  # a device sync on GPU, as documented for this policy
-    if code:
-        _raise(code, buffer, fields, tag, _wire.FORWARD, process_group)
-    if buffer.is_cuda and not capturing:
-        _comm.defer_check(buffer, fields, tag, _wire.FORWARD, process_group)
-    return out, stats
-
-
-def _wants_status(backend: Any, input: Tensor) -> bool:
-    """A device status word for a backend that takes one (``STATUS_WORD``), off the CPU; on the
-    CPU (Triton's interpreter) the backend returns its code, which costs no device sync."""
-    return getattr(backend, "STATUS_WORD", False) and not input.is_cpu
-
-
-def _status_word(input: Tensor, fresh: bool) -> Tensor:
-    """Where a backend that says ``STATUS_WORD = True`` (Triton) puts its result code without
-    a host sync; the other backends return their codes directly. The host reads it only under
-    ``SYNCBN_NONFINITE=raise`` (``fresh``: a zeroed word, one fill kernel); otherwise the header
-    is checked one pass late (:func:`_comm.defer_check`) and the word is a per-device scratch
-    that nobody reads (no kernel per pass)."""
-    if fresh:
-        return torch.zeros(1, dtype=torch.int32, device=input.device)
-    word = _scratch_words.get(input.device)
-    if word is None:
-        word = _scratch_words[input.device] = torch.zeros(1, dtype=torch.int32,
-                                                          device=input.device)
-    return word
-
-
-_scratch_words: dict[torch.device, Tensor] = {}
-
-
-def backward_pass(grad_output: Tensor, input: Tensor, weight: Tensor | None, stats: Tensor,
-                  process_group: Any | None, tag: _wire.LayerTag, need_input: bool,
-                  weight_dtype: torch.dtype | None, bias_dtype: torch.dtype | None,
-                  backend: Any = None) -> tuple[Tensor | None, ...]:
-    """``(grad_input, grad_weight, grad_bias)``; the weight/bias gradients are this rank's
-    share (DDP, or the user, sums them over ranks). The collective runs only when the input
-    needs a gradient: decided by the model's structure, the same on every rank. ``backend``:
-    the forward's (eagerly known), else chosen again."""
-    if backend is None:
-        backend = backend_for(input, weight, None, None, None)
-    backend, geo = backend
-    dy = grad_output
-    if dy.dtype != input.dtype or dy.stride() != input.stride():
-        dy = _like(grad_output, input)
-    buffer, fields = None, None
-    channels = input.shape[1]
-    if need_input:
-        size = _comm.buffer_length(process_group, channels, tag, input.device)
-        tag.backward += 1
-        fields = _wire.fields(tag, _wire.BACKWARD, channels)
-        buffer = torch.empty(size, dtype=torch.float64, device=input.device)
-    # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> size
-    grad_weight, grad_bias, code = backend.backward_reduce(geo, dy, input, stats, buffer, fields,
-                                                     weight_dtype, bias_dtype)
-    grad_input = None
-    if buffer is not None and fields is not None:
-        world = _comm.all_reduce(buffer, process_group, tag, _wire.BACKWARD, 2 * channels,
-                                 tuple(input.shape))
-        grad_input, code = backend.backward_apply(geo, dy, input, stats, weight, buffer, world, fields,
-                                                  _status_word(input, fresh=False)
-                                                  if _wants_status(backend, input) else None)
-        if code:
-            _raise(code, buffer, fields, tag, _wire.BACKWARD, process_group)
-        if buffer.is_cuda and not _comm.capturing(buffer):
-            _comm.defer_check(buffer, fields, tag, _wire.BACKWARD, process_group)
-    return grad_input, grad_weight, grad_bias
-
-
-def _raise(code: int, buffer: Tensor, fields: list[int], tag: _wire.LayerTag, direction: int,
-           process_group: Any | None) -> None:
-    """The error of a backend's result code."""
-    if code == _wire.MISMATCH:
-        _comm.verify(buffer, fields, tag, direction, process_group)  # raises, explaining
-    if code == _wire.NONFINITE:
-        raise RuntimeError(
-            f"syncbn: non-finite values (NaN or Inf) in the global batch statistics of "
-            f"{tag.description}, forward pass #{tag.forward} (SYNCBN_NONFINITE=raise), raised on "
-            "every rank. Run with SYNCBN_DEBUG=1 to see which rank's data produced them.")
-    raise MemoryError(f"syncbn: {tag.description}: out of memory in the "
-                      f"{_wire.DIRECTIONS[direction]} pass (result code {code})")
-
-
-class SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode batch norm with statistics over every rank of a process group.
-
-    ``group`` and ``layer`` are the integers of :func:`group_id` and :func:`layer_id`.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, input: Tensor, weight: Tensor | None, bias: Tensor | None,
-        running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float,
-        group: int, layer: int,
-    ) -> Tensor:
-        if _comm.compiling():
-            out, stats = torch.ops.syncbn.forward(input, weight, bias, running_mean, running_var,
-                                                  eps, momentum, group, layer)
-            ctx.backend = ctx.process_group = ctx.tag = None
-        else:  # eager: the backward takes the forward's backend, group and tag as they are
-            ctx.backend = backend_for(input, weight, bias, running_mean, running_var)
-            ctx.process_group, ctx.tag = _group(group), _tags[layer]
-            out, stats = forward_pass(input, weight, bias, running_mean, running_var, eps,
-                                      momentum, ctx.process_group, ctx.tag, ctx.backend)
-        ctx.save_for_backward(input, weight, stats)
-        ctx.group, ctx.layer = group, layer
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight, stats = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        weight_dtype = weight.dtype if need_weight else None
-        bias_dtype = ctx.bias_dtype if need_bias else None
-        if _comm.compiling():
-            gi, gw, gb = torch.ops.syncbn.backward(grad_output, input, weight, stats, ctx.group,
-                                                   ctx.layer, need_input, need_weight, need_bias,
-                                                   bias_dtype or input.dtype)
-            grads: tuple[Tensor | None, ...] = (gi if need_input else None,
-                                                gw if need_weight else None,
-                                                gb if need_bias else None)
-        else:
-            grads = backward_pass(grad_output, input, weight, stats, ctx.process_group, ctx.tag,
-                                  need_input, weight_dtype, bias_dtype, ctx.backend)
-        return (*grads, None, None, None, None, None, None)
-
-
-# ------------------------------------------------------------------------------ registered ops
 @torch.library.custom_op("syncbn::forward", mutates_args=("running_mean", "running_var"))
 def _forward_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
                 momentum: float, group: int, layer: int) -> tuple[Tensor, Tensor]:
     """The forward pass as an opaque op: ``(out, stats)``; running statistics mutated."""
-    return forward_pass(input, weight, bias, running_mean, running_var, eps, momentum,
-                        _group(group), _tags[layer])
+    p = _op_plan(layer, group, input, (weight, bias, running_mean, running_var))
+    return forward(p, input, weight, bias, running_mean, running_var, eps, momentum)
 
 
 @_forward_op.register_fake
@@ -290,9 +410,12 @@ def _backward_op(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], s
                  group: int, layer: int, need_input: bool, need_weight: bool, need_bias: bool,
                  bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """The backward pass as an opaque op; a gradient not needed comes back empty."""
-    gi, gw, gb = backward_pass(grad_output, input, weight, stats, _group(group), _tags[layer],
-                               need_input, weight.dtype if need_weight and weight is not None
-                               else None, bias_dtype if need_bias else None)
+    p = _layers[layer].plan
+    if p is None or p.key[0] != input.shape:
+        p = _op_plan(layer, group, input, (weight, None, None, None))
+    gi, gw, gb = backward(p, grad_output, input, weight, stats, need_input,
+                          weight.dtype if need_weight and weight is not None else None,
+                          bias_dtype if need_bias else None)
     empty = input.new_empty(0)
     return (gi if gi is not None else empty, gw if gw is not None else empty.clone(),
             gb if gb is not None else empty.clone())

@@ -42,27 +42,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _settings, _stats
-from .functional import check_input
+from . import _settings, _stats, _wire, backends
+from ._pass import check_input
 
-__all__ = ["ReplicaGroup", "current", "route"]
+__all__ = ["ReplicaGroup", "route", "thread"]
 
 class _ThreadState(threading.local):
     replica: tuple[ReplicaGroup, int] | None = None  # (group, index) while a replica thread runs
 
 
-_thread = _ThreadState()
+thread = _ThreadState()  # which replica this thread runs, if any
 _warned_torch_dp = [False]
 
 
 class _Aborted(BaseException):
     """Ends a waiting replica after another one failed (a BaseException, so that a model's own
     ``except Exception`` cannot swallow it); the group surfaces the first error, once."""
-
-
-def current() -> tuple[ReplicaGroup, int] | None:
-    """``(group, replica index)`` when this thread runs a replica of ``syncbn.DataParallel``."""
-    return _thread.replica
 
 
 def route(layer: Any, input: Tensor) -> Tensor | None:
@@ -73,7 +68,7 @@ def route(layer: Any, input: Tensor) -> Tensor | None:
     made by ``torch.nn.DataParallel`` (``torch.nn.parallel.replicate`` marks those with
     ``_is_replica = True``), whose replicas each normalize their own chunk.
     """
-    replica = _thread.replica
+    replica = thread.replica
     if replica is not None:
         group, index = replica
         return group.batch_norm(index, layer, input)
@@ -137,7 +132,7 @@ class ReplicaGroup:
     def run(self, index: int, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (replica ``index``'s forward) in this thread as that replica; its output,
         or ``None`` when it failed or was ended (see :meth:`raise_failure`)."""
-        _thread.replica = (self, index)
+        thread.replica = (self, index)
         try:
             out = fn()
         except _Aborted:
@@ -146,7 +141,7 @@ class ReplicaGroup:
             self.fail(index, exc)
             return None
         finally:
-            _thread.replica = None
+            thread.replica = None
         with self._cond:
             self._finished[index] = self._calls[index]
             self._cond.notify_all()  # a replica waiting for this one learns it will not come
@@ -244,11 +239,10 @@ class ReplicaGroup:
     def _describe(self, original: Any) -> str:
         if original is None:
             return "(no syncbn layer yet)"
-        desc = original.layer_description()
         name = self._names.get(id(original))
-        if name and not getattr(original, "_layer_name", None):
-            desc = f"{desc} '{name}'"
-        return str(desc)
+        if name and not getattr(original, "_layer_name", None):  # its name in the wrapped model
+            return f"{type(original).__name__}({original.num_features}) '{name}'"
+        return str(original.layer_description())
 
     def _named(self, exc: BaseException) -> BaseException:
         exc._syncbn_named = True  # type: ignore[attr-defined]  # already names its layer
@@ -273,9 +267,10 @@ def _synchronized_pass(arrivals: list[_Arrival], description: str) -> tuple[Tens
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             factor = 1.0 / float(bn.num_batches_tracked)
+    bn._replica_passes = getattr(bn, "_replica_passes", 0) + 1
     meta = _Meta(len(arrivals), float(bn.eps), factor,
                  bn.running_mean if update else None, bn.running_var if update else None,
-                 _settings.get().nonfinite, description)
+                 _settings.get().nonfinite, description, bn._sync.tag, bn._replica_passes)
     for a in arrivals:  # so that a recompute outside the replicas is refused (see route)
         a.layer._syncbn_replicated = True
     bn._syncbn_replicated = True
@@ -295,12 +290,17 @@ class _Meta:
     running_var: Tensor | None
     policy: str
     description: str
+    tag: _wire.LayerTag
+    count: int
 
 
 class ReplicaBatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm of N replicas' shards at once: ``apply(meta, *inputs, *weights,
-    *biases)`` -> N outputs. Shards may be on different devices; the sums meet on the device of
-    the running statistics (or of the first shard)."""
+    *biases)`` -> N outputs, with the backends' four steps and the buffer of the distributed
+    path: each replica's reduce step writes its buffer, the buffers are summed in replica order
+    (the one reduction per direction), and each replica's apply step reads the sum with a world
+    of N. Shards may be on different devices; the sums meet on the device of the running
+    statistics (or of the first shard)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -312,66 +312,125 @@ class ReplicaBatchNormFunction(torch.autograd.Function):
         channels = inputs[0].shape[1]
         home = meta.running_mean.device if meta.running_mean is not None else inputs[0].device
         # Counts are known on the host from the shapes: no device sync to learn the total.
-        total = sum(_stats.local_count(x) for x in inputs)
+        total = 0
+        for x in inputs:
+            total += _stats.local_count(x)
         if total == 1:
             raise ValueError(
                 f"{meta.description}: Expected more than 1 value per channel when training, got "
                 f"input sizes {[tuple(x.shape) for x in inputs]} on the replicas of "
                 "syncbn.DataParallel and 1 value per channel in the global batch")
-        # The one reduction of the forward: every replica's raw moments, summed in replica order.
-        moments = torch.stack([_stats.local_moments(x).to(home) for x in inputs]).sum(0)
-        # N x (C, C, 1) -> (2C + 1)
-        mean, var, count = _stats.global_mean_var(moments, channels)
-        if meta.policy == "raise" and not bool(torch.isfinite(moments).all()):
-            raise RuntimeError(
-                f"syncbn: non-finite values (NaN or Inf) in the global batch statistics of "
-                f"{meta.description} (SYNCBN_NONFINITE=raise), over the replicas of "
-                "syncbn.DataParallel")
-        if total >= 2 and (meta.running_mean is not None or meta.running_var is not None):
-            _stats.update_running_stats(meta.running_mean, meta.running_var, mean, var, count,
-                                        meta.momentum, keep_nonfinite=meta.policy != "skip")
-        invstd = torch.rsqrt(var + meta.eps)
-        outputs, means, invstds = [], [], []
-        for x, w, b in zip(inputs, weights, biases):
-            acc = _stats.acc_dtype(x.dtype)
-            mean_x = mean.to(x.device, acc, copy=True)
-            var_x = var.to(x.device, acc, copy=True)
-            means.append(mean_x)
-            invstds.append(invstd.to(x.device, acc, copy=True))
-            outputs.append(_stats.normalize(x, mean_x, var_x, w, b, meta.eps))
-        ctx.save_for_backward(*inputs, *weights, *means, *invstds)
-        ctx.size, ctx.total, ctx.home, ctx.channels = n, total, home, channels
+        length = _wire.length(_wire.width_for(channels))
+        fields = _wire.fields(meta.tag, _wire.FORWARD, channels, meta.count)
+        chosen = [backends.select(x, w, b) for x, w, b in zip(inputs, weights, biases)]
+        buffers = []
+        for (backend, geo), x in zip(chosen, inputs):
+            buffer = torch.empty(length, dtype=torch.float64, device=x.device)
+            # sum(x) (C), sum(x**2) (C), n (1) + padding + header -> length
+            _check(backend.forward_reduce(geo, x, buffer, fields), meta, "forward")
+            buffers.append(buffer.to(home))
+        summed = torch.stack(buffers).sum(0)  # N x length -> length, in replica order
+        outputs, stats = [], []
+        policy = _wire.POLICIES[meta.policy]
+        for i, ((backend, geo), x, w, b) in enumerate(zip(chosen, inputs, weights, biases)):
+            # the running statistics once, on the wrapped layer's (replica 0 computes on them
+            # when they are on its device; otherwise from the stats below)
+            here = i == 0 and total >= 2 and meta.running_mean is not None and (
+                meta.running_mean.device == x.device)
+            status = (torch.zeros(1, dtype=torch.int32, device=x.device)
+                      if backend.STATUS_WORD and not x.is_cpu else None)
+            out, st, code = backend.forward_apply(
+                geo, x, summed.to(x.device), n, fields, w, b,
+                meta.running_mean if here else None, meta.running_var if here else None,
+                meta.eps, meta.momentum, policy, status)
+            if status is not None and policy == _wire.POLICIES["raise"]:
+                code = int(status.item())  # a device sync, as documented for this policy
+            _check(code, meta, "forward")
+            outputs.append(out)
+            stats.append(st)
+        if total >= 2 and meta.running_mean is not None and (
+                meta.running_mean.device != inputs[0].device):
+            _update_from(meta, summed, channels)
+        ctx.save_for_backward(*inputs, *weights, *stats)
+        ctx.meta, ctx.chosen, ctx.home, ctx.length = meta, chosen, home, length
         ctx.bias_dtypes = [b.dtype if b is not None else x.dtype for x, b in zip(inputs, biases)]
         return tuple(outputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        n, channels = ctx.size, ctx.channels
+        meta = ctx.meta
+        n = meta.size
         saved = ctx.saved_tensors
-        inputs, weights = saved[:n], saved[n:2 * n]
-        means, invstds = saved[2 * n:3 * n], saved[3 * n:]
+        inputs, weights, stats = saved[:n], saved[n:2 * n], saved[2 * n:]
         needs = ctx.needs_input_grad[1:]  # after meta
         need_x, need_w, need_b = needs[:n], needs[n:2 * n], needs[2 * n:]
-        # Every replica's local sums (a replica whose output was not used has dy = 0).
-        sums = [_stats.backward_reduce(dy, x, m, s)
-                for dy, x, m, s in zip(grads, inputs, means, invstds)]
-        # weight/bias gradients are each replica's share; autograd (shared parameters) or
-        # torch's Broadcast (replicas on several GPUs) adds them up.
-        grad_w = [sdx.to(w.dtype) if need else None
-                  for (_, sdx), w, need in zip(sums, weights, need_w)]
-        grad_b = [sdy.to(dtype) if need else None
-                  for (sdy, _), dtype, need in zip(sums, ctx.bias_dtypes, need_b)]
+        channels = inputs[0].shape[1]
+        fields = _wire.fields(meta.tag, _wire.BACKWARD, channels, meta.count)
+        send = any(need_x)
+        grad_w: list[Tensor | None] = []
+        grad_b: list[Tensor | None] = []
+        buffers = []
+        dys = []
+        for i, ((backend, geo), x) in enumerate(zip(ctx.chosen, inputs)):
+            dy = grads[i]  # a replica whose output was not used has dy = 0
+            if dy.dtype != x.dtype or dy.stride() != x.stride():
+                dy = dy.to(x.dtype).contiguous(memory_format=_layout(x))
+            dys.append(dy)
+            buffer = (torch.empty(ctx.length, dtype=torch.float64, device=x.device) if send
+                      else None)
+            # weight/bias gradients are each replica's share; autograd (shared parameters) or
+            # torch's Broadcast (replicas on several GPUs) adds them up.
+            gw, gb, code = backend.backward_reduce(
+                geo, dy, x, stats[i], buffer, fields,
+                weights[i].dtype if need_w[i] and weights[i] is not None else None,
+                ctx.bias_dtypes[i] if need_b[i] else None)
+            _check(code, meta, "backward")
+            grad_w.append(gw)
+            grad_b.append(gb)
+            if buffer is not None:
+                buffers.append(buffer.to(ctx.home))
         grad_x: list[Tensor | None] = [None] * n
-        if any(need_x):
-            # The one reduction of the backward: N x (C, C) -> (2C), summed in replica order.
-            packed = torch.stack([torch.cat([sdy, sdx]).double().to(ctx.home)
-                                  for sdy, sdx in sums]).sum(0)
-            for i, (dy, x, m, s, w) in enumerate(zip(grads, inputs, means, invstds, weights)):
+        if send:
+            summed = torch.stack(buffers).sum(0)  # N x length -> length, in replica order
+            for i, ((backend, geo), x) in enumerate(zip(ctx.chosen, inputs)):
                 if not need_x[i]:
                     continue
-                here = packed.to(x.device, m.dtype)
-                count = torch.tensor(float(ctx.total), dtype=m.dtype, device=x.device)
-                grad_x[i] = _stats.grad_input(dy, x, m, s, w, here[:channels], here[channels:],
-                                              count)
+                status = (torch.zeros(1, dtype=torch.int32, device=x.device)
+                          if backend.STATUS_WORD and not x.is_cpu else None)
+                gi, code = backend.backward_apply(geo, dys[i], x, stats[i], weights[i],
+                                                  summed.to(x.device), n, fields, status)
+                _check(code, meta, "backward")
+                grad_x[i] = gi
         return (None, *grad_x, *grad_w, *grad_b)
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _check(code: int, meta: _Meta, direction: str) -> None:
+    """The error of a backend's result code (the replicas' headers always agree: one process)."""
+    if code == _wire.NONFINITE:
+        raise _wire.NonFiniteError(
+            f"syncbn: non-finite values (NaN or Inf) in the global batch statistics of "
+            f"{meta.description} (SYNCBN_NONFINITE=raise), over the replicas of "
+            "syncbn.DataParallel")
+    if code:
+        raise _wire.SyncBatchNormError(f"syncbn: {meta.description}: result code {code} in the "
+                                       f"{direction} pass over the replicas of syncbn.DataParallel")
+
+
+def _update_from(meta: _Meta, summed: Tensor, channels: int) -> None:
+    """The running statistics from the summed buffer, where they live on another device than
+    the first replica's."""
+    moments = _wire.payload(summed, 2 * channels + 1).to(meta.running_mean.device)
+    mean, var, count = _stats.global_mean_var(moments, channels)
+    _stats.update_running_stats(meta.running_mean, meta.running_var, mean, var, count,
+                                meta.momentum, keep_nonfinite=meta.policy != "skip")

@@ -19,11 +19,10 @@ ranks at passes 1, 2 and 3, the squares catch them). Fields are below 2**20 and 
 the float64 sums are exact. The sentinel ones at both ends catch a partly reduced buffer.
 
 >>> tag = LayerTag.for_layer("features.bn1", 0, "SyncBatchNorm2d(3) 'features.bn1'")
->>> tag.forward = 1
->>> f = fields(tag, FORWARD, 3)
+>>> f = fields(tag, FORWARD, 3, 1)  # pass #1
 >>> buf = pack(torch.arange(7.0, dtype=torch.float64), f, length(64))
 >>> two_ranks = buf * 2  # the all_reduce of two identical ranks
->>> header_ok(two_ranks, f, 2), header_ok(two_ranks, fields(tag, BACKWARD, 3), 2)
+>>> header_ok(two_ranks, f, 2), header_ok(two_ranks, fields(tag, BACKWARD, 3, 1), 2)
 (True, False)
 """
 
@@ -31,15 +30,32 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "BACKWARD", "CAUSES", "DIRECTIONS", "FIELDS", "FORWARD", "MIN_WIDTH", "MISMATCH",
-    "NONFINITE", "NO_MEMORY", "OK", "POLICIES", "WIDEN", "LayerTag", "describe_key", "fields",
-    "header", "header_matches", "header_ok", "length", "mismatch_error", "pack", "parts", "payload", "width_for",
+    "NONFINITE", "NO_MEMORY", "OK", "POLICIES", "WIDEN", "LayerTag", "NonFiniteError",
+    "OutOfStepError", "SyncBatchNormError", "describe_key", "fields", "header", "header_matches",
+    "header_ok", "length", "mismatch_error", "pack", "parts", "payload", "settings_buffer",
+    "settings_problem", "settings_values", "width_for",
 ]
+
+
+class SyncBatchNormError(RuntimeError):
+    """A synchronized pass failed across ranks (out of step, a timeout, a peer that exited,
+    settings that differ, non-finite statistics under ``SYNCBN_NONFINITE=raise``): raised on
+    every rank of the group, naming the layer. ``syncbn.SyncBatchNormError``."""
+
+
+class OutOfStepError(SyncBatchNormError):
+    """The ranks were not at the same layer, pass and direction (or met another collective)."""
+
+
+class NonFiniteError(SyncBatchNormError):
+    """Non-finite global statistics under ``SYNCBN_NONFINITE=raise`` (or seen in debug mode)."""
 
 # Directions (a header field). WIDEN: the group's buffers grow (see _comm.buffer_length).
 FORWARD, BACKWARD, WIDEN = 1, 2, 3
@@ -66,26 +82,22 @@ CAUSES = (
 _keys: dict[int, str] = {}  # layer key -> description, to name the layer another rank was at
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerTag:
-    """Who is synchronizing: a key identical on every rank for the same layer, and pass counters."""
+    """Who is synchronizing: a key identical on every rank for the same layer (its pass
+    counters live with the process group: ``syncbn._comm.Group.passes``)."""
 
     key: int
     description: str
-    forward: int = 0
-    backward: int = 0
 
     @staticmethod
     def for_layer(name: str | None, index: int, description: str) -> LayerTag:
-        """Key from the qualified name when known (robust to extra layers built on one rank),
-        else from the creation index (identical when every rank builds the same model)."""
+        """Key from ``name`` when known (a converted model's ``"<model>:<qualified name>"``,
+        a functional call site: robust to extra layers built on one rank), else from the
+        creation index (identical when every rank builds the same layers in the same order)."""
         key = (zlib.crc32(name.encode()) if name else index) % 2**32 or 1
         _keys.setdefault(key, description)
         return LayerTag(key, description)
-
-    def passes(self, direction: int) -> int:
-        """The pass counter of ``direction`` (FORWARD or BACKWARD; WIDEN precedes a forward)."""
-        return self.backward if direction == BACKWARD else self.forward
 
 
 def describe_key(key: int) -> str:
@@ -107,10 +119,9 @@ def length(width: int) -> int:
     return 2 * width + 1 + 2 * len(FIELDS) + 2
 
 
-def fields(tag: LayerTag, direction: int, channels: int) -> list[int]:
-    """The integer fields of a pass's header: ones, layer key (low, high), pass, channels,
-    direction."""
-    count = tag.passes(direction)
+def fields(tag: LayerTag, direction: int, channels: int, count: int) -> list[int]:
+    """The integer fields of a pass's header: ones, layer key (low, high), pass ``count``,
+    channels, direction."""
     return [1, tag.key & 0xFFFF, tag.key >> 16, count % FIELD_LIMIT, channels % FIELD_LIMIT,
             direction]
 
@@ -186,14 +197,48 @@ def _problems(values: list[float], fields: list[int], world: int) -> list[str]:
 
 
 def mismatch_error(checks: Tensor, fields: list[int], world: int, tag: LayerTag,
-                   direction: int, count: int, where: str) -> RuntimeError | None:
+                   direction: int, count: int, where: str) -> OutOfStepError | None:
     """The out-of-step error for a reduced header (:func:`header`), or None when it is fine.
     ``where`` names this rank and group for the message."""
     problems = _problems(checks.tolist(), fields, world)
     if not problems:
         return None
-    return RuntimeError(
+    return OutOfStepError(
         f"syncbn: ranks are out of step at {tag.description}, {DIRECTIONS[direction]} pass "
         f"#{count} on {where}: " + "; ".join(problems) + ". " + CAUSES
         + " Run with SYNCBN_DEBUG=1 to see every rank's view."
     )
+
+
+# ------------------------------------------------------------------- settings across the ranks
+_SETTINGS = ("SYNCBN_DEBUG", "SYNCBN_NONFINITE", "SYNCBN_SHM")
+
+
+def settings_values(settings: Any) -> list[int]:
+    """The settings that change what a rank sends, as small integers (``Settings.wire()``)."""
+    debug, nonfinite, shm = settings.wire()
+    return [debug, POLICIES[nonfinite], 0 if shm == "auto" else 1]
+
+
+def settings_buffer(values: list[int]) -> list[float]:
+    """``[1, (v, v*v) per setting, 1]``: summed over the ranks, it tells whether they agree."""
+    return [1.0, *(float(x) for v in values for x in (v, v * v)), 1.0]
+
+
+def settings_problem(summed: list[float], values: list[int], world: int) -> str | None:
+    """What differs between the ranks, from the summed :func:`settings_buffer` (None: they
+    agree). With two ranks the other rank's value is named."""
+    names = {0: ("0", "1", "2"), 1: tuple(POLICIES), 2: ("auto", "off")}
+    differ = []
+    for i, (name, own) in enumerate(zip(_SETTINGS, values)):
+        total, squares = summed[1 + 2 * i], summed[2 + 2 * i]
+        if total == world * own and squares == world * own * own:
+            continue
+        if world == 2 and 0 <= int(total) - own < len(names[i]):
+            other = names[i][int(total) - own]
+            differ.append(f"{name} differs between the ranks of the group (this rank: "
+                          f"{names[i][own]}, the other rank: {other})")
+        else:
+            differ.append(f"{name} differs between the ranks of the group (this rank: "
+                          f"{names[i][own]})")
+    return "; ".join(differ) or None

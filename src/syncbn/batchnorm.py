@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm, _pass, _replicas, _wire
-from .functional import check_input, will_sync
+from . import _pass, _replicas, _wire
+from ._pass import check_input
 
 _creation_index = itertools.count(1)
 
@@ -77,6 +77,7 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     _name: str | None = None
+    _model: int = 0  # which conversion named it (syncbn.convert_sync_batchnorm counts them)
 
     def __init__(
         self,
@@ -92,9 +93,10 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
-        self.process_group = process_group
         self._creation_index = next(_creation_index)
-        self._tag = self._make_tag()
+        self._sync = _pass.LayerState(self._make_tag(), self._check)
+        self._layer_id = _pass.layer_id(self._sync)
+        self.process_group = process_group
 
     @property
     def process_group(self) -> Any | None:
@@ -116,28 +118,39 @@ class SyncBatchNorm(_BatchNorm):
     @_layer_name.setter
     def _layer_name(self, name: str | None) -> None:
         self._name = name
-        self._tag = self._make_tag()
+        self._sync.tag = self._make_tag()
+        self._sync.plan = None
+
+    def _name_in(self, model: int, name: str | None) -> None:
+        """Name the layer ``name`` in the ``model``-th converted model of this process."""
+        self._model = model
+        self._layer_name = name
 
     def _make_tag(self) -> _wire.LayerTag:
-        """The layer's identity and pass counters in the collective's header (and the integer
-        the registered ops know it by)."""
-        tag = _wire.LayerTag.for_layer(self._name, self._creation_index, self.layer_description())
-        self._layer_id = _pass.layer_id(tag)
-        return tag
+        """The layer's identity in the collective's header: its name in its converted model
+        (the same on every rank of a correct program), else its creation index."""
+        key = f"{self._model}:{self._name}" if self._name else None
+        return _wire.LayerTag.for_layer(key, self._creation_index, self.layer_description())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A copy (copy.deepcopy, pickle, torch.load of a whole model) has a tag of its own: the
-        # integer the registered ops know it by must name that tag, not the original's.
+        # A copy (copy.deepcopy, pickle, torch.load of a whole model) has state of its own: the
+        # integer the registered ops know it by must name that state, not the original's.
         if "_process_group" not in state:  # pickled by syncbn 0.1: a plain attribute then
             state = {**state, "_process_group": state.get("process_group")}
             state.pop("process_group", None)
+        tag = state.pop("_tag", None)  # syncbn 0.2 kept the tag itself
         super().__setstate__(state)
-        self._layer_id = _pass.layer_id(self._tag)
+        if "_sync" not in state:
+            self._sync = _pass.LayerState(tag or self._make_tag(), self._check)
+        else:
+            self._sync = _pass.LayerState(self._sync.tag, self._check)
+        self._layer_id = _pass.layer_id(self._sync)
         self._group_id = _pass.group_id(self._process_group)
 
     def layer_description(self) -> str:
-        """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``."""
-        name = f" '{self._layer_name}'" if self._layer_name else ""
+        """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``, or with
+        its creation number when it has no name: ``SyncBatchNorm2d(64) #3``."""
+        name = f" '{self._layer_name}'" if self._layer_name else f" #{self._creation_index}"
         return f"{type(self).__name__}({self.num_features}){name}"
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -146,38 +159,65 @@ class SyncBatchNorm(_BatchNorm):
                 f"{self.layer_description()}: expected at least 2D input (got {input.dim()}D input)"
             )
 
+    def _check(self, input: Tensor) -> None:
+        """Raise for input this layer cannot take (the dims its class takes, then the checks
+        every batch norm makes), before any collective."""
+        if isinstance(input, Tensor):
+            self._check_input_dim(input)
+        check_input(input, self.num_features, self._sync.tag.description)
+
     def forward(self, input: Tensor) -> Tensor:
-        if self.training and not _comm.compiling():  # a syncbn.DataParallel replica: synchronized
-            # over the replicas (torch.compile does not trace DataParallel's threads)
+        training = self.training
+        compiling = torch.compiler.is_compiling()
+        if training and not compiling and (  # a syncbn.DataParallel replica, or a replica
+                _replicas.thread.replica is not None or "_is_replica" in self.__dict__
+                or "_syncbn_replicated" in self.__dict__):  # of torch's (it warns)
             routed = _replicas.route(self, input)
             if routed is not None:
                 return routed
-        self._check_input_dim(input)
-        check_input(input, self.num_features, self._tag.description)
         # An activation-checkpoint recompute runs the forward again inside the backward: it
         # must normalize the same way but not count the batch or update the statistics twice.
-        recompute = self.training and not _comm.compiling() and torch._C._current_graph_task_id() != -1
-        update = self.training and self.track_running_stats and not recompute
-        # The bookkeeping below is torch.nn.BatchNorm's, line for line.
+        recompute = training and not compiling and torch._C._current_graph_task_id() != -1
+        update = training and self.track_running_stats and not recompute
+        # The bookkeeping below is torch.nn.BatchNorm's, line for line, except that the batch
+        # is counted after the pass: a batch that SYNCBN_NONFINITE skips or raises on is not.
         factor = 0.0 if self.momentum is None else self.momentum
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        # Batch statistics in training mode, and in eval mode when there are no buffers.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        counted = update and self.num_batches_tracked is not None
+        if counted and self.momentum is None:  # cumulative moving average
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
         # Buffers are passed only when they are updated (training and tracked) or used (eval).
-        keep = not self.training or update
+        keep = not training or update
         running_mean = self.running_mean if keep else None
         running_var = self.running_var if keep else None
-        # The one decision: synchronize in training mode over a group of more than one rank.
-        # Eval mode never synchronizes (evaluating on one rank must not wait for the others).
-        if not will_sync(self.training, self.process_group):
+        # The one decision: synchronize in training mode over a group of more than one rank
+        # (the plan says). Eval mode never synchronizes (evaluating on one rank must not wait).
+        if not training:
+            self._check(input)
+            # Batch statistics in eval mode only when there are no buffers (like torch).
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                use_batch_stats, factor, self.eps)
-        out = _pass.SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
-            self._group_id, self._layer_id)
+                                running_mean is None and running_var is None, factor, self.eps)
+        if compiling:
+            self._check(input)
+            if not _pass.will_sync(self._process_group):
+                out = F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                   True, factor, self.eps)
+            else:
+                out = _pass.CompiledSyncBatchNorm.apply(
+                    input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
+                    self._group_id, self._layer_id)
+            if counted:
+                self.num_batches_tracked.add_(1)
+            return out  # type: ignore[no-any-return]
+        plan = _pass.plan(self._sync, input, (self.weight, self.bias, running_mean, running_var),
+                          self._process_group)
+        if not plan.sync:
+            out = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True,
+                               factor, self.eps)
+        else:
+            out = _pass.SyncBatchNormFunction.apply(
+                input, self.weight, self.bias, running_mean, running_var, self.eps, factor, plan)
+        if counted:
+            self.num_batches_tracked.add_(1 if plan.used is None else plan.used)
         return out  # type: ignore[no-any-return]
 
 

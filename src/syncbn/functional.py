@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _comm, _pass, _wire
+from . import _pass, _wire
+from ._pass import check_input
 
 __all__ = ["check_input", "sync_batch_norm", "will_sync"]
 
@@ -16,28 +19,7 @@ def will_sync(training: bool, process_group: Any | None = None) -> bool:
     """True when a pass with these settings synchronizes: batch statistics are used and the
     group has more than one rank. Otherwise syncbn is exactly ``F.batch_norm`` with no collective.
     """
-    return training and _comm.group_size(process_group) > 1
-
-
-def check_input(input: Tensor, num_features: int | None, who: str) -> None:
-    """Raise ``ValueError`` (before any collective) for input no batch norm can take.
-
-    ``who`` names the caller in the message, e.g. ``"SyncBatchNorm2d(64) 'backbone.bn1'"``.
-    """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{who}: expected a torch.Tensor input, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(f"{who}: expected at least 2D input (got {input.dim()}D input)")
-    if not input.is_floating_point():
-        raise ValueError(
-            f"{who}: expected a floating-point input (float16, bfloat16, float32 or float64), "
-            f"got {input.dtype}"
-        )
-    if num_features is not None and input.shape[1] != num_features:
-        raise ValueError(
-            f"{who}: expected input with {num_features} channels in dim 1, got {input.shape[1]} "
-            f"(input size {tuple(input.shape)})"
-        )
+    return training and _pass.will_sync(process_group)
 
 
 def sync_batch_norm(
@@ -80,22 +62,51 @@ def sync_batch_norm(
         >>> torch.allclose(y, F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True))
         True
     """
-    check_input(input, None, "sync_batch_norm")
-    if not will_sync(training, process_group):
+    if not training:
+        check_input(input, None, "sync_batch_norm")
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
+    state = _call_site(inspect.currentframe())
+    params = (weight, bias, running_mean, running_var)
+    if torch.compiler.is_compiling():
+        check_input(input, None, "sync_batch_norm")
+        _check_params(input, params)
+        if not _pass.will_sync(process_group):
+            return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum,
+                                eps)
+        return _pass.CompiledSyncBatchNorm.apply(  # type: ignore[no-any-return]
+            input, weight, bias, running_mean, running_var, eps, momentum,
+            _pass.group_id(process_group), _pass.layer_id(state))
+    plan = _pass.plan(state, input, params, process_group)
+    if not plan.sync:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+    _check_params(input, params)
+    return _pass.SyncBatchNormFunction.apply(  # type: ignore[no-any-return]
+        input, weight, bias, running_mean, running_var, eps, momentum, plan)
+
+
+def _check_params(input: Tensor, params: tuple[Tensor | None, ...]) -> None:
+    for name, t in zip(("weight", "bias", "running_mean", "running_var"), params):
         if t is not None and t.numel() != input.shape[1]:
             raise ValueError(
                 f"sync_batch_norm: expected {name} with {input.shape[1]} elements (the input's "
                 f"channels), got {t.numel()}"
             )
-    out = _pass.SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum,
-        _pass.group_id(process_group), _FUNCTIONAL_LAYER)
-    return out  # type: ignore[no-any-return]
 
 
-_FUNCTIONAL_TAG = _wire.LayerTag.for_layer("syncbn.functional.sync_batch_norm", 0, "sync_batch_norm")
-_FUNCTIONAL_LAYER = _pass.layer_id(_FUNCTIONAL_TAG)
+# Each call site of sync_batch_norm is a layer of its own (its identity in the header: the
+# file and line of the call, the same on every rank running the same code).
+_sites: dict[tuple[str, int], _pass.LayerState] = {}
+
+
+def _call_site(frame: Any) -> _pass.LayerState:
+    caller = frame.f_back if frame is not None else None
+    where = (caller.f_code.co_filename, caller.f_lineno) if caller is not None else ("?", 0)
+    state = _sites.get(where)
+    if state is None:
+        name = f"{where[0]}:{where[1]}"
+        tag = _wire.LayerTag.for_layer(f"sync_batch_norm:{name}", 0,
+                                       f"sync_batch_norm at {name}")
+        state = _sites[where] = _pass.LayerState(
+            tag, lambda input: check_input(input, None, tag.description))
+    return state
 

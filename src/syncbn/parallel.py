@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import _comm
 from ._replicas import ReplicaGroup
+from ._wire import SyncBatchNormError
 from .batchnorm import SyncBatchNorm
 
 __all__ = ["DataParallel", "replica_devices"]
@@ -170,8 +171,9 @@ def _check_single_process(module: nn.Module) -> dict[int, str]:
         if isinstance(m, SyncBatchNorm):
             names[id(m)] = name
             if m.training and _comm.group_size(m.process_group) > 1:
-                raise RuntimeError(
-                    f"syncbn.DataParallel: {m.layer_description()} '{name}' is in a process that "
+                raise SyncBatchNormError(
+                    f"syncbn.DataParallel: {type(m).__name__}({m.num_features}) '{name}' is in a "
+                    "process that "
                     f"belongs to a torch.distributed group of {_comm.group_size(m.process_group)} "
                     "ranks (its process_group). syncbn.DataParallel synchronizes the replicas of "
                     "one process only and does not combine that with other processes. Use one "
@@ -188,6 +190,9 @@ def _run_replicas(group: ReplicaGroup, replicas: Sequence[nn.Module], chunks: Se
     autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
                 for t in {d.type for d in devices}} if hasattr(torch, "get_autocast_dtype") else {}
     results: list[Any] = [None] * len(replicas)
+    # The caller's current stream on each GPU (read here: a worker thread's own current stream
+    # is the device's default stream, not the caller's).
+    streams = {d: torch.cuda.current_stream(d) for d in set(devices) if d.type == "cuda"}
 
     def work(i: int) -> None:
         try:
@@ -201,7 +206,7 @@ def _run_replicas(group: ReplicaGroup, replicas: Sequence[nn.Module], chunks: Se
         with contextlib.ExitStack() as stack:
             if dev.type == "cuda":
                 stack.enter_context(torch.cuda.device(dev))
-                stack.enter_context(torch.cuda.stream(torch.cuda.current_stream(dev)))
+                stack.enter_context(torch.cuda.stream(streams[dev]))
             if dev.type in autocast:
                 enabled, dtype = autocast[dev.type]
                 stack.enter_context(torch.autocast(dev.type, dtype=dtype, enabled=enabled))

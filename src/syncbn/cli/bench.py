@@ -225,8 +225,17 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     tb_rm, tb_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     f_rm, f_rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     tag = _wire.LayerTag.for_layer(f"bench.{spec['name']}", 0, f"bench layer {spec['name']}")
-    layer = _pass.layer_id(tag)  # (the tag must stay alive: the id refers to it weakly)
-    group_id = _pass.group_id(group)
+    state = _pass.LayerState(tag, lambda x: None)
+    plans = {}
+
+    def plan() -> _pass.Plan:  # the synchronized path even on one rank (the Function's cost)
+        kernel_now = _settings.get().kernel
+        if kernel_now not in plans:
+            params = (sbn.weight, sbn.bias, f_rm, f_rv)
+            plans[kernel_now] = _pass.Plan(state, (), _comm.group(group), x, params,
+                                           _settings.get(), True)
+        return plans[kernel_now]
+
     buf = torch.zeros(_wire.length(_wire.width_for(c)), dtype=torch.float64, device=device)
 
     def torch_bn() -> None:
@@ -240,7 +249,7 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
     def syncbn_function() -> None:
         x.grad = None
         SyncBatchNormFunction.apply(x, sbn.weight, sbn.bias, f_rm, f_rv, EPS, MOMENTUM,
-                                    group_id, layer).backward(dy)
+                                    plan()).backward(dy)
 
     kernel = os.environ.get("SYNCBN_KERNEL", "auto") or "auto"
 
