@@ -575,11 +575,14 @@ def nonfinite(rank: int, world_size: int, policy: str) -> str:
     except RuntimeError as e:
         return str(e)
     clean = torch.cat(shards)[:, 1]
-    assert_matches(layer.running_mean[1:], 0.5 * clean.mean().view(1), torch.float64, "clean channel")
     if policy == "propagate":
+        assert_matches(layer.running_mean[1:], 0.5 * clean.mean().view(1), torch.float64,
+                       "clean channel")
         assert torch.isnan(layer.running_mean[0]) and torch.isnan(layer.running_var[0])
-    else:  # skip: the poisoned channel keeps its previous statistics
-        assert layer.running_mean[0] == 0.0 and layer.running_var[0] == 1.0, layer.running_mean
+    else:  # skip: the batch leaves every statistic untouched, num_batches_tracked included
+        assert layer.running_mean.tolist() == [0.0, 0.0], layer.running_mean
+        assert layer.running_var.tolist() == [1.0, 1.0], layer.running_var
+        assert int(layer.num_batches_tracked) == 0
     return ""
 
 

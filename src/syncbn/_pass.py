@@ -172,6 +172,12 @@ def forward(p: Plan, input: Tensor, weight: Tensor | None, bias: Tensor | None,
     if p.local_count <= 1:
         running_mean, running_var = _small_batch(p, input, buffer, fields, count, running_mean,
                                                  running_var)
+    if p.policy == _wire.POLICIES["skip"] and not _comm.capturing(buffer):
+        # A batch with non-finite global statistics leaves every statistic untouched (and is
+        # not counted: p.used): a host read, on a device a sync, as for SYNCBN_NONFINITE=raise.
+        p.used = torch.isfinite(_wire.payload(buffer, 2 * p.channels + 1)).all().long()
+        if not p.used:
+            running_mean = running_var = None
     status = _status_word(p) if p.status else None
     out, stats, code = backend.forward_apply(p.geo, input, buffer, p.group.size, fields, weight,
                                              bias, running_mean, running_var, eps, momentum,
@@ -180,8 +186,6 @@ def forward(p: Plan, input: Tensor, weight: Tensor | None, bias: Tensor | None,
         code = int(status.item())  # a device sync on GPU, as documented for this policy
     if code:
         _raise(code, buffer, fields, p, _wire.FORWARD, count)
-    if p.policy == _wire.POLICIES["skip"]:  # a skipped batch is not counted either (no sync)
-        p.used = torch.isfinite(_wire.payload(buffer, 2 * p.channels + 1)).all().long()
     return out, stats
 
 

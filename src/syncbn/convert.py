@@ -38,7 +38,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
 
     Parameters and buffers are the very same tensors (so device, dtype, values and
     ``requires_grad`` are kept), and so are ``training`` and the ``state_dict`` keys. Each new layer
-    records its qualified name in the model for error messages. Subclasses of torch's batch norm
+    records its qualified name in the model for error messages; its identity across ranks is
+    that name in the n-th model this process converted (convert the same models in the same
+    order on every rank). Subclasses of torch's batch norm
     (e.g. a BatchNorm fused with an activation) are left alone, with a warning: replacing them
     would silently drop what they add.
 
@@ -56,7 +58,15 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
         >>> net[1].layer_description()
         "SyncBatchNorm2d(8) '1'"
     """
-    return _convert(module, process_group, "")
+    global _conversions
+    _conversions += 1
+    return _convert(module, process_group, "", _conversions)
+
+
+# Conversions made in this process: a layer's identity is its conversion's number and its name
+# in that model, the same on every rank of a program that converts the same models in the same
+# order (two models converted apart, such as a generator and a discriminator, never collide).
+_conversions = 0
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
@@ -137,7 +147,7 @@ def _revert(module: nn.Module) -> nn.Module:
     return out
 
 
-def _convert(module: nn.Module, process_group: Any | None, prefix: str) -> nn.Module:
+def _convert(module: nn.Module, process_group: Any | None, prefix: str, model: int) -> nn.Module:
     target = _TO_SYNC.get(type(module))
     out: nn.Module = module
     if target is not None:
@@ -150,9 +160,10 @@ def _convert(module: nn.Module, process_group: Any | None, prefix: str) -> nn.Mo
             stacklevel=3,
         )
     if isinstance(out, SyncBatchNorm):
-        out._layer_name = prefix or None
+        out._name_in(model, prefix or None)
     for name, child in module.named_children():
-        out.add_module(name, _convert(child, process_group, f"{prefix}.{name}" if prefix else name))
+        out.add_module(name, _convert(child, process_group, f"{prefix}.{name}" if prefix else name,
+                                      model))
     return out
 
 
