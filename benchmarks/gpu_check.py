@@ -138,8 +138,8 @@ class Summary:
                          "steps": {}, "verdicts": [], "recommended_default": None,
                          "exit_status": None}
         for name in SECTIONS:
-            self.data["steps"].setdefault(name, {
-                "status": "not run", "kind": "correctness" if name in CORRECTNESS else "measurement"})
+            kind = "correctness" if name in CORRECTNESS else "measurement"
+            self.data["steps"].setdefault(name, {"status": "not run", "kind": kind})
 
     def log(self, text: str) -> None:
         """Append to the log, which stops at LOG_LIMIT bytes (a device run brings back 16 MiB
@@ -179,11 +179,9 @@ class Summary:
                   + (f" (target {target})" if target else ""))[:240])
         self.save()
 
-    def finish(self, name: str, status: str, reason: str = "", seconds: float | None = None) -> None:
+    def finish(self, name: str, status: str, reason: str = "") -> None:
         entry = self.step(name)
         entry["status"], entry["reason"] = status, reason
-        if seconds is not None:
-            entry["seconds"] = round(seconds, 1)
         self.say(f"== {name}: {status}" + (f" ({reason})" if reason else ""))
         self.save()
 
@@ -424,20 +422,25 @@ def run_layer(ctx: Ctx, path: str | None, case: dict[str, Any], momentum: float,
               contender: str = "syncbn") -> dict[str, Any]:
     """One training forward + backward of ``contender`` (syncbn on ``path``, torch's SyncBN
     Function, or plain F.batch_norm): output, gradients and running statistics."""
-    torch = ctx.torch
-    x = case["x"].detach().clone().requires_grad_()
-    w = case["w"].detach().clone().requires_grad_()
-    b = case["b"].detach().clone().requires_grad_()
-    rm = torch.zeros(case["c"], device=ctx.device)
-    rv = torch.ones(case["c"], device=ctx.device)
-    forward = contender_fn(ctx, contender, path, x, w, b, rm, rv, momentum)
+    forward, leaves, (rm, rv) = bind(ctx, contender, path, case, momentum)
     y = forward()
-    dx, dw, db = torch.autograd.grad(y, (x, w, b), case["dy"])
+    dx, dw, db = ctx.torch.autograd.grad(y, leaves, case["dy"])
     return {"y": y, "dx": dx, "dw": dw, "db": db, "running_mean": rm, "running_var": rv}
 
 
-def contender_fn(ctx: Ctx, contender: str, path: str | None, x: Any, w: Any, b: Any, rm: Any,
-                 rv: Any, momentum: float) -> Callable[[], Any]:
+def bind(ctx: Ctx, contender: str, path: str | None, case: dict[str, Any],
+         momentum: float) -> tuple[Callable[[], Any], tuple[Any, ...], tuple[Any, Any]]:
+    """The forward of one contender on ``case`` as a closure (its path selected first), the
+    leaves it differentiates (x, w, b) and its own running statistics (mean 0, var 1)."""
+
+    x, w, b = (case[k].detach().requires_grad_() for k in ("x", "w", "b"))
+    rm = ctx.torch.zeros(case["c"], device=ctx.device)
+    rv = ctx.torch.ones(case["c"], device=ctx.device)
+    return contender_fn(contender, path, x, w, b, rm, rv, momentum), (x, w, b), (rm, rv)
+
+
+def contender_fn(contender: str, path: str | None, x: Any, w: Any, b: Any, rm: Any, rv: Any,
+                 momentum: float) -> Callable[[], Any]:
     """The forward of one contender (its path selected first), as a closure."""
     import torch.nn.functional as F
 
@@ -551,7 +554,8 @@ def pytest_verdict(ctx: Ctx, name: str, runs: list[dict[str, Any]]) -> None:
     bad = [t for r in runs for t in r["failed"] + r["errors"]]
     passed = sum(r["passed"] for r in runs)
     killed = [r["command"] for r in runs if r.get("killed")]
-    broken = [r["command"] for r in runs if r["returncode"] not in (0, 1, 5) and not r.get("killed")]
+    broken = [r["command"] for r in runs
+              if r["returncode"] not in (0, 1, 5) and not r.get("killed")]  # 5: none collected
     ctx.summary.verdict(name, "tests passed / failed", f"{passed} / {len(bad)}",
                         "0 failed, > 0 passed",
                         not bad and not killed and not broken and (passed > 0 or ctx.smoke))
@@ -652,7 +656,8 @@ def section_nosync(ctx: Ctx) -> None:
     one_rank_group(ctx)
     torch = ctx.torch
     case = make_case(ctx, (32, 64, 56, 56), torch.bfloat16, "channels_last")
-    for who, contender, path in [(p, "syncbn", p) for p in usable(ctx)] + [("SyncBN", "SyncBN", None)]:
+    contenders = [(p, "syncbn", p) for p in usable(ctx)] + [("SyncBN", "SyncBN", None)]
+    for who, contender, path in contenders:
         try:
             for _ in range(3):  # warm-up: compiles, the group's buffer width, NCCL's set-up
                 run_layer(ctx, path, case, 0.1, contender)
@@ -824,16 +829,10 @@ def section_timing(ctx: Ctx) -> None:
 
 def fwd_bwd(ctx: Ctx, contender: str, path: str | None, case: dict[str, Any]) -> Callable[[], Any]:
     """Forward + backward (grads of x, w, b; nothing accumulated) with buffers of its own."""
-    torch = ctx.torch
-    x = case["x"].detach().requires_grad_()
-    w = case["w"].detach().requires_grad_()
-    b = case["b"].detach().requires_grad_()
-    rm, rv = torch.zeros(case["c"], device=ctx.device), torch.ones(case["c"], device=ctx.device)
-    forward = contender_fn(ctx, contender, path, x, w, b, rm, rv, 0.1)
-    dy = case["dy"]
+    forward, leaves, _ = bind(ctx, contender, path, case, 0.1)
 
     def fn() -> Any:
-        return torch.autograd.grad(forward(), (x, w, b), dy)
+        return ctx.torch.autograd.grad(forward(), leaves, case["dy"])
     return fn
 
 
@@ -897,17 +896,13 @@ def section_counts(ctx: Ctx) -> None:
     for who, contender, path in ([("BN", "BN", None), ("SyncBN", "SyncBN", None)]
                                  + [(p, "syncbn", p) for p in usable(ctx)]):
         try:
-            x = case["x"].detach().requires_grad_()
-            w = case["w"].detach().requires_grad_()
-            b = case["b"].detach().requires_grad_()
-            rm, rv = torch.zeros(case["c"], device="cuda"), torch.ones(case["c"], device="cuda")
-            forward = contender_fn(ctx, contender, path, x, w, b, rm, rv, 0.1)
+            forward, leaves, _ = bind(ctx, contender, path, case, 0.1)
             for _ in range(3):
-                torch.autograd.grad(forward(), (x, w, b), case["dy"])
+                torch.autograd.grad(forward(), leaves, case["dy"])
             fwd = cuda_events(ctx, forward)
             out = forward()
-            bwd = cuda_events(ctx, lambda out=out, xwb=(x, w, b): torch.autograd.grad(
-                out, xwb, case["dy"]))
+            bwd = cuda_events(ctx, lambda out=out, leaves=leaves: torch.autograd.grad(
+                out, leaves, case["dy"]))
             entry[who] = {"forward": {k: len(v) for k, v in fwd.items()},
                           "backward": {k: len(v) for k, v in bwd.items()},
                           "names": {"forward": [n for v in fwd.values() for n in v][:25],
@@ -1204,7 +1199,8 @@ def section_graphs(ctx: Ctx) -> None:
     for path in paths:
         use_path(path)
         for what, make, shape in (
-                ("conv -> SyncBatchNorm2d -> relu, batch 8", lambda: small_model(ctx), (8, 8, 16, 16)),
+                ("conv -> SyncBatchNorm2d -> relu, batch 8", lambda: small_model(ctx),
+                 (8, 8, 16, 16)),
                 ("SyncBatchNorm2d alone, empty shard (batch 0)", lambda: small_model(ctx)[1],
                  (0, 16, 8, 8))):
             try:
@@ -1257,8 +1253,8 @@ def section_timm(ctx: Ctx) -> None:
                 warnings.simplefilter("always")
                 model = syncbn.convert_sync_batchnorm(model)
             synced = sum(isinstance(m, syncbn.SyncBatchNorm) for m in model.modules())
-            left = sorted({type(m).__name__ for m in model.modules()
-                           if isinstance(m, _BatchNorm) and not isinstance(m, syncbn.SyncBatchNorm)})
+            left = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _BatchNorm)
+                           and not isinstance(m, syncbn.SyncBatchNorm)})
             model = model.to(ctx.device).train()
             if not ctx.smoke:
                 model = model.to(memory_format=torch.channels_last)
@@ -1413,8 +1409,9 @@ def section_resnet(ctx: Ctx) -> None:
     for name, path in [("plain", None)] + [(p, p) for p in ("triton", "cuda", "aten")
                                            if p in usable(ctx)]:
         if ctx.left("resnet") < took or ctx.left("resnet") <= 0:
-            entry[name] = {"skipped": f"--budget: {max(ctx.left('resnet'), 0):.0f} s left, the last "
-                                      f"variant took {took:.0f} s"}
+            left = max(ctx.left("resnet"), 0)
+            entry[name] = {"skipped": f"--budget: {left:.0f} s left, the last variant took "
+                                      f"{took:.0f} s"}
             ctx.summary.say(f"  resnet {name}: skipped (budget)")
             ctx.summary.save()
             continue
@@ -1521,7 +1518,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.finish:
         return finish(summary)
     if args.mark_timeout is not None:
-        mark(summary, args.sections, "timed out", f"killed at its limit of {args.mark_timeout:.0f} s")
+        mark(summary, args.sections, "timed out",
+             f"killed at its limit of {args.mark_timeout:.0f} s")
         return 0
     if args.mark_skipped is not None:
         mark(summary, args.sections, "skipped", args.mark_skipped)
