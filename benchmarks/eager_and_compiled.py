@@ -82,17 +82,20 @@ def _rank(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
 
 
 def _function_layer(module):
-    """``x -> syncbn's synchronized Function`` over the 1-rank group, in the API of whichever
-    syncbn revision is imported (the revision before the registered ops took a tag object)."""
+    """``x -> syncbn's synchronized Function`` over the 1-rank group (a plan that synchronizes
+    even there; the collective itself is skipped on one rank)."""
     from syncbn import _pass
 
     w, b, rm, rv = module.weight, module.bias, module.running_mean, module.running_var
-    if hasattr(_pass, "layer_id"):
-        ids = (_pass.group_id(None), _pass.layer_id(module._tag))
-    else:
-        ids = (None, module._tag)
-    fn = lambda x: _pass.SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, *ids)
-    fn.module = module  # keeps the layer (and its tag, which the id names) alive
+    plans = {}
+
+    def fn(x):
+        p = plans.get(x.shape)
+        if p is None:
+            p = plans[x.shape] = _pass.synchronized_plan(module._sync, x, (w, b, rm, rv))
+        return _pass.SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, p)
+
+    fn.module = module
     return fn
 
 

@@ -87,9 +87,9 @@ def main() -> None:
             bn = (torch.nn.BatchNorm2d(c) if x.dim() == 4 else torch.nn.BatchNorm1d(c)).to(DEVICE)
             w, b = bn.weight, bn.bias
             rm, rv = bn.running_mean.clone(), bn.running_var.clone()
-            tag = syncbn._wire.LayerTag.for_layer("bench", 0, "bench")
-            layer = syncbn._pass.layer_id(tag)
-            gid = syncbn._pass.group_id(group)
+            state = syncbn._pass.LayerState(syncbn._wire.LayerTag.for_layer("bench", 0, "bench"),
+                                            lambda x: None)
+            plan = syncbn._pass.synchronized_plan(state, x, (w, b, rm, rv), group)
 
             def plain():
                 bn(x).backward(dy)
@@ -98,7 +98,7 @@ def main() -> None:
                 TorchSyncBNFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, group, 1).backward(dy)
 
             def ours():
-                SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, gid, layer).backward(dy)
+                SyncBatchNormFunction.apply(x, w, b, rm, rv, 1e-5, 0.1, plan).backward(dy)
 
             t_plain, t_ours = timed(plain), timed(ours)
             # torch.nn.SyncBatchNorm refuses CPU tensors
@@ -111,11 +111,13 @@ def main() -> None:
     # No host synchronization in syncbn's forward.
     x = torch.randn(8, 64, 28, 28, device="cuda", requires_grad=True)
     bn = torch.nn.BatchNorm2d(64).cuda()
-    SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, gid, layer)
+    params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    plan = syncbn._pass.synchronized_plan(state, x, params, group)
+    SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, plan)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, gid, layer)
+        SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 0.1, plan)
         print("forward host sync: none (torch.cuda.set_sync_debug_mode('error') passed)")
     except RuntimeError as e:
         print(f"forward host sync: YES: {e}")

@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from . import _comm, _settings, _stats, _wire, backends
 
 __all__ = ["CompiledSyncBatchNorm", "LayerState", "Plan", "SyncBatchNormFunction", "backward",
-           "check_input", "forward", "group_id", "layer_id", "plan", "will_sync"]
+           "check_input", "forward", "group_id", "layer_id", "plan", "synchronized_plan", "will_sync"]
 
 
 def check_input(input: Tensor, num_features: int | None, who: str) -> None:
@@ -147,6 +147,13 @@ def plan(state: LayerState, input: Tensor, params: tuple[Tensor | None, ...],
         group.thread = thread
     state.plan = Plan(state, key, group, input, params, settings, sync)
     return state.plan
+
+
+def synchronized_plan(state: LayerState, input: Tensor, params: tuple[Tensor | None, ...],
+                      process_group: Any | None = None) -> Plan:
+    """A plan that takes the synchronized path even on a group of one rank (where the collective
+    itself is skipped): what benchmarks time as that path's cost at one rank."""
+    return Plan(state, (), _comm.group(process_group), input, params, _settings.get(), True)
 
 
 def forward(p: Plan, input: Tensor, weight: Tensor | None, bias: Tensor | None,

@@ -232,8 +232,7 @@ def _layer_row(spec: dict[str, Any], rank: int, world: int, device: torch.device
         kernel_now = _settings.get().kernel
         if kernel_now not in plans:
             params = (sbn.weight, sbn.bias, f_rm, f_rv)
-            plans[kernel_now] = _pass.Plan(state, (), _comm.group(group), x, params,
-                                           _settings.get(), True)
+            plans[kernel_now] = _pass.synchronized_plan(state, x, params, group)
         return plans[kernel_now]
 
     buf = torch.zeros(_wire.length(_wire.width_for(c)), dtype=torch.float64, device=device)
