@@ -433,3 +433,26 @@ def test_an_unexpected_error_in_the_synchronized_pass_gets_the_layer_in_a_note(m
                                     "has been ended"]
     assert calls == [3] and seen == []  # one pass for all replicas, stopped at the first
     _no_replica_threads_left()
+
+
+def test_the_timeout_is_kept_with_a_slow_replica():
+    """A replica busy in its own code for longer than the timeout: the error comes after the
+    timeout (within 10 %), not when the slow replica is done."""
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = syncbn.SyncBatchNorm1d(3)
+
+        def forward(self, x):
+            if x.shape[0] == 1:
+                time.sleep(4.0)
+            return self.bn(x)
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"waited 1.5 s at SyncBatchNorm1d\(3\) 'bn'"):
+        syncbn.DataParallel(Slow(), device_ids=["cpu"] * 3, timeout=1.5)(torch.randn(7, 3))
+    took = time.monotonic() - t0
+    print(f"raised after {took:.2f} s (timeout 1.5 s)")
+    assert took < 1.65, took
+    time.sleep(3.0)  # the slow replica reaches its layer and ends there
+    _no_replica_threads_left()

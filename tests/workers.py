@@ -263,10 +263,13 @@ def expect_error(rank: int, world_size: int, cfg: ExpectError) -> str:
 def uses_one_collective(rank: int, world_size: int, cfg: Shards) -> dict[str, Any]:
     """Count collectives and their sizes in one training forward and backward, on either
     transport (the backend's all_reduce, or the same-machine shared-memory one)."""
-    from syncbn import _comm, _local
+    from syncbn import _comm, _shm
 
+    # The group's set-up at its first syncbn collective (the settings check across ranks, the
+    # transport) is not a pass's: a first layer of its own makes it before counting starts.
+    syncbn.SyncBatchNorm2d(cfg.channels)(torch.randn(cfg.sizes[rank], cfg.channels, 3, 3))
     calls: list[tuple[str, int, torch.dtype]] = []
-    real, real_local = dist.all_reduce, _local.LocalGroup.all_reduce
+    real, real_local = dist.all_reduce, _shm.LocalGroup.all_reduce
 
     def spy(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(("all_reduce", tensor.numel(), tensor.dtype))
@@ -280,7 +283,7 @@ def uses_one_collective(rank: int, world_size: int, cfg: Shards) -> dict[str, An
         orig = getattr(dist, name)
         setattr(dist, name, lambda *a, _n=name, _o=orig, **k: (calls.append((_n, -1, None)), _o(*a, **k))[1])
     dist.all_reduce = spy
-    _local.LocalGroup.all_reduce = local_spy  # type: ignore[method-assign]
+    _shm.LocalGroup.all_reduce = local_spy  # type: ignore[method-assign]
     try:
         channels = cfg.channels
         layer = syncbn.SyncBatchNorm2d(channels)
@@ -295,7 +298,7 @@ def uses_one_collective(rank: int, world_size: int, cfg: Shards) -> dict[str, An
         eval_calls = list(calls)
     finally:
         dist.all_reduce = real
-        _local.LocalGroup.all_reduce = real_local  # type: ignore[method-assign]
+        _shm.LocalGroup.all_reduce = real_local  # type: ignore[method-assign]
     return {"forward": forward_calls, "backward": backward_calls, "eval": eval_calls,
             "transport": _comm.transport()}
 
@@ -328,10 +331,10 @@ def late_wide_layer(rank: int, world_size: int, cfg: Shards) -> dict[str, Any]:
 
 
 def _slot_len() -> int:
-    from syncbn import _shm
+    from syncbn import _comm
 
-    group = _shm._groups.get(dist.group.WORLD)
-    return group.slot_len if group is not None else 0
+    shm = _comm.group(None).shm
+    return shm.slot_len if shm is not None else 0
 
 
 class SmallNet(nn.Module):

@@ -223,12 +223,13 @@ def all_reduce(buffer: Tensor, group: Group, tag: _wire.LayerTag, direction: int
     if group.size == 1 and not settings.force_sync:
         return  # a group of one rank: the sum is the buffer itself, nothing to wait for
     pg = group.ref()
-    if not group.ready:
-        _setup(group, buffer)
-    if settings.debug:
-        _debug_gather(_wire.payload(buffer, payload_size), tag, direction, count, group, shape)
     start = time.perf_counter()
     try:
+        if not group.ready or (group.shm is not None and buffer.numel() > group.shm.slot_len):
+            _setup(group, buffer)  # the first collective, or a wider one (the same pass everywhere)
+        if settings.debug:
+            _debug_gather(_wire.payload(buffer, payload_size), tag, direction, count, group,
+                          shape)
         if group.shm is not None and buffer.is_cpu:
             group.shm.all_reduce(buffer, spin_us=settings.poll_us)
         else:
@@ -236,6 +237,8 @@ def all_reduce(buffer: Tensor, group: Group, tag: _wire.LayerTag, direction: int
             if buffer.is_cpu:
                 _poll(work, start, settings.poll_us)
             work.wait()
+    except _wire.SyncBatchNormError:
+        raise
     except RuntimeError as e:  # a timeout, a peer that exited, a backend error
         raise _wire.SyncBatchNormError(
             f"syncbn: {tag.description} failed in the all_reduce of its "
@@ -264,6 +267,9 @@ def _setup(group: Group, buffer: Tensor) -> None:
         raise _wire.SyncBatchNormError(
             f"syncbn: {group.describe()}: {problem}. These settings must be the same on every "
             "rank of a group (unset them everywhere for the defaults).")
+    if group.shm is not None:  # too narrow for this buffer: a wider one replaces it
+        group.shm.close()
+        group.shm = None
     if buffer.is_cpu and settings.shm != "off":
         group.shm = _shm.setup(group.pg, buffer.numel(), group.describe())
     group.ready = True

@@ -147,6 +147,14 @@ class ReplicaGroup:
             self._cond.notify_all()  # a replica waiting for this one learns it will not come
         return out
 
+    def wait_all(self, timeout: float | None = None) -> None:
+        """Until every replica's forward has returned, or one has failed (then at once: a
+        replica still busy in its own code is not waited for; it ends at its next syncbn layer,
+        and :meth:`raise_failure` reports the first error now, within the group's timeout)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._failure is not None
+                                or len(self._finished) == self.size, timeout)
+
     def raise_failure(self) -> None:
         """After every replica thread has ended: raise the first error, once (the original
         exception, with a note naming the replica, its device and the syncbn layers)."""

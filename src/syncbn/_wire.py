@@ -28,6 +28,7 @@ the float64 sums are exact. The sentinel ones at both ends catch a partly reduce
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +80,13 @@ CAUSES = (
     "empty batch if it has no data). See docs/troubleshooting.md."
 )
 
-_keys: dict[int, str] = {}  # layer key -> description, to name the layer another rank was at
+# layer key -> its tag (held by the layer), to name the layer another rank was at
+IDENTITY = (
+    "(a layer's identity: its name in the n-th model this process converted with "
+    "convert_sync_batchnorm, or for a layer built directly, the order in which it was built, so "
+    "that a model converted or a layer built on one rank only shifts the identity of every later "
+    "one; a functional call's: its file and line)")
+_keys: weakref.WeakValueDictionary[int, LayerTag] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -96,13 +103,15 @@ class LayerTag:
         a functional call site: robust to extra layers built on one rank), else from the
         creation index (identical when every rank builds the same layers in the same order)."""
         key = (zlib.crc32(name.encode()) if name else index) % 2**32 or 1
-        _keys.setdefault(key, description)
-        return LayerTag(key, description)
+        tag = LayerTag(key, description)
+        _keys[key] = tag
+        return tag
 
 
 def describe_key(key: int) -> str:
     """The layer (of this process) another rank's key names; keys register as tags are made."""
-    return _keys.get(key, f"an unknown layer (key {key})")
+    tag = _keys.get(key)
+    return tag.description if tag is not None else f"an unknown layer (key {key})"
 
 
 def width_for(channels: int) -> int:
@@ -181,6 +190,7 @@ def _problems(values: list[float], fields: list[int], world: int) -> list[str]:
             problems.append(f"the other rank was at {describe_key(lo + (hi << 16))}")
         else:
             problems.append("the ranks are at different layers")
+        problems.append(IDENTITY)
     for name, own in zip(FIELDS, fields):
         if name not in differ or name in ("layer", "layer-high"):
             continue

@@ -217,9 +217,10 @@ def _run_replicas(group: ReplicaGroup, replicas: Sequence[nn.Module], chunks: Se
                for i in range(len(replicas))]
     for t in threads:
         t.start()
+    group.wait_all()
+    group.raise_failure()  # a failure surfaces now, not when the slowest replica is done
     for t in threads:
         t.join()
-    group.raise_failure()
     return results
 
 

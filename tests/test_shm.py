@@ -1,4 +1,4 @@
-"""The shared-memory all_reduce (``_local.py``, ``csrc/local.h``) in one process: its ranks are
+"""The shared-memory all_reduce (``_shm.py``, ``_native/csrc/local.h``) in one process: its ranks are
 threads (the kernel's call releases the GIL), so sums, errors and bounds are tested without
 spawning. The multi-process behaviour is in test_distributed.py (every CPU test there runs on it).
 """
@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from syncbn import _local
+from syncbn import _shm
 from syncbn._native import kernel as _kernel
 
 pytestmark = pytest.mark.timeout(60)
@@ -22,15 +22,15 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(autouse=True)
 def kernel_needed():
-    if not _local.available():
+    if not _shm.available():
         pytest.skip(f"the kernel is not available here: {_kernel.build_info()['error']}")
 
 
 def _groups(tmp_path, world, slot_len=16, timeout=5.0, pids=None):
     path = str(tmp_path / "segment")
     pids = pids or [os.getpid()] * world
-    first = _local.LocalGroup(path, world, 0, slot_len, timeout, pids[0], create=True)
-    rest = [_local.LocalGroup(path, world, r, slot_len, timeout, pids[r], create=False)
+    first = _shm.LocalGroup(path, world, 0, slot_len, timeout, pids[0], create=True)
+    rest = [_shm.LocalGroup(path, world, r, slot_len, timeout, pids[r], create=False)
             for r in range(1, world)]
     first.unlink()
     return [first, *rest]
@@ -43,7 +43,7 @@ def _run(groups, buffers, spin_us=2000.0):
     def rank(r):
         try:
             groups[r].all_reduce(buffers[r], spin_us=spin_us)
-        except _local.LocalError as e:
+        except _shm.LocalError as e:
             errors[r] = str(e)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(groups))]
@@ -72,11 +72,11 @@ def test_sums_are_exact_and_identical_on_every_rank(tmp_path, world):
 def test_a_rank_that_never_arrives_times_out(tmp_path):
     groups = _groups(tmp_path, 2, timeout=0.3)
     start = time.monotonic()
-    with pytest.raises(_local.LocalError, match=r"timed out after 0.3 s waiting for rank 1 of "
+    with pytest.raises(_shm.LocalError, match=r"timed out after 0.3 s waiting for rank 1 of "
                                                 r"the group \(shared-memory all_reduce, pass 1"):
         groups[0].all_reduce(torch.ones(4, dtype=torch.float64))
     assert time.monotonic() - start < 5
-    with pytest.raises(_local.LocalError, match="failed earlier"):  # unusable afterwards
+    with pytest.raises(_shm.LocalError, match="failed earlier"):  # unusable afterwards
         groups[0].all_reduce(torch.ones(4, dtype=torch.float64))
 
 
@@ -86,7 +86,7 @@ def test_a_rank_that_exited_is_reported_at_once(tmp_path):
     dead_pid = int(gone.stdout)  # reaped: no such process any more
     groups = _groups(tmp_path, 2, timeout=30.0, pids=[os.getpid(), dead_pid])
     start = time.monotonic()
-    with pytest.raises(_local.LocalError, match="rank 1 of the group exited while this rank "
+    with pytest.raises(_shm.LocalError, match="rank 1 of the group exited while this rank "
                                                 "waited for it"):
         groups[0].all_reduce(torch.ones(4, dtype=torch.float64))
     assert time.monotonic() - start < 5, "the exit should be seen long before the timeout"
@@ -101,7 +101,7 @@ def test_buffers_of_different_lengths_are_an_error_on_every_rank(tmp_path):
 
 def test_a_buffer_longer_than_the_slots_is_refused(tmp_path):
     groups = _groups(tmp_path, 2, slot_len=8)
-    with pytest.raises(_local.LocalError, match="9 numbers do not fit the group's shared-memory "
+    with pytest.raises(_shm.LocalError, match="9 numbers do not fit the group's shared-memory "
                                                 "slots of 8"):
         groups[0].all_reduce(torch.ones(9, dtype=torch.float64))
 
@@ -137,7 +137,7 @@ def test_a_wait_can_be_interrupted(tmp_path):
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous)
     assert time.monotonic() - start < 5, "the signal waited for the timeout"
-    with pytest.raises(_local.LocalError, match="interrupted while waiting"):
+    with pytest.raises(_shm.LocalError, match="interrupted while waiting"):
         groups[0].all_reduce(torch.ones(4, dtype=torch.float64))
 
 
@@ -153,7 +153,7 @@ def test_a_segment_that_cannot_be_made_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "posix_fallocate", full)
     path = tmp_path / "segment"
     with pytest.raises(OSError, match="No space left"):
-        _local.LocalGroup(str(path), 2, 0, 16, 5.0, os.getpid(), create=True)
+        _shm.LocalGroup(str(path), 2, 0, 16, 5.0, os.getpid(), create=True)
     assert not path.exists()
 
 
@@ -175,7 +175,7 @@ def test_a_segment_of_another_user_or_mode_is_not_mapped(tmp_path, problem):
     mode 0600 (O_NOFOLLOW, checked on the descriptor): a planted file is an OSError at set-up
     (the group then uses the backend), never a segment another user can read or write."""
     real = tmp_path / "segment"
-    first = _local.LocalGroup(str(real), 2, 0, 16, 5.0, os.getpid(), create=True)
+    first = _shm.LocalGroup(str(real), 2, 0, 16, 5.0, os.getpid(), create=True)
     path = real
     if problem == "owner":
         _chown_or_skip(real, OTHER)
@@ -188,7 +188,7 @@ def test_a_segment_of_another_user_or_mode_is_not_mapped(tmp_path, problem):
         os.chmod(real, int(problem[-3:], 8))
         match = f"its mode is {problem[-3:]}, not 600"
     with pytest.raises(OSError, match=match):
-        _local.LocalGroup(str(path), 2, 1, 16, 5.0, os.getpid(), create=False)
+        _shm.LocalGroup(str(path), 2, 1, 16, 5.0, os.getpid(), create=False)
     first.unlink()
     first.close()
 
@@ -196,7 +196,7 @@ def test_a_segment_of_another_user_or_mode_is_not_mapped(tmp_path, problem):
 def test_a_segment_is_made_0600_whatever_the_umask(tmp_path):
     previous = os.umask(0o277)  # would make it 0400: the other ranks would refuse it
     try:
-        group = _local.LocalGroup(str(tmp_path / "segment"), 2, 0, 16, 5.0, os.getpid(),
+        group = _shm.LocalGroup(str(tmp_path / "segment"), 2, 0, 16, 5.0, os.getpid(),
                                   create=True)
     finally:
         os.umask(previous)
@@ -215,7 +215,7 @@ def test_segments_of_dead_creators_are_swept(tmp_path, monkeypatch):
     """``new_path()`` (the first rank, at set-up) removes this user's segments whose creator's
     pid is gone and that are over a minute old; a live creator's, a fresh one, another user's
     and other names stay."""
-    monkeypatch.setattr(_local, "directory", lambda: str(tmp_path))
+    monkeypatch.setattr(_shm, "directory", lambda: str(tmp_path))
     dead, old = _dead_pid(), time.time() - 3600
     files = {name: tmp_path / name for name in (
         f"syncbn-{dead}-{'a' * 32}", f"syncbn-{os.getpid()}-{'b' * 32}",
@@ -230,7 +230,7 @@ def test_segments_of_dead_creators_are_swept(tmp_path, monkeypatch):
         print("cannot chown here: the other user's segment is this user's in this run")
         files[f"syncbn-{dead}-{'d' * 32}"].unlink()
         del files[f"syncbn-{dead}-{'d' * 32}"]
-    fresh = _local.new_path()
+    fresh = _shm.new_path()
     assert os.path.dirname(fresh) == str(tmp_path) and not os.path.exists(fresh)
     left = sorted(p.name for p in tmp_path.iterdir())
     expected = sorted(n for n in files if not n.startswith(f"syncbn-{dead}-{'a' * 32}"))
@@ -246,7 +246,7 @@ def test_unlink_and_close_can_be_called_on_every_path(tmp_path):
     for g in groups:
         g.close()
         g.close()
-    with pytest.raises(_local.LocalError, match="closed"):
+    with pytest.raises(_shm.LocalError, match="closed"):
         groups[0].all_reduce(torch.ones(2, dtype=torch.float64))
 
 
