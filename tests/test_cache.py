@@ -310,6 +310,76 @@ def test_a_damaged_library_is_rebuilt_or_named(tmp_path, cache, stem, damage):
         assert report["info"]["available"] and not report["info"]["compiled"] and not text
 
 
+# Manifests that are not syncbn's: each must read as "not a manifest" (a rebuild), never as an
+# exception that escapes (``"size": 1e400`` raised OverflowError: the kernel was off on every run).
+_SHA = '"' + "0" * 64 + '"'
+
+
+def _manifest_text(size: str, sha: str = _SHA) -> str:
+    return '{"sha256": ' + sha + ', "size": ' + size + "}"
+
+
+BAD_MANIFESTS = {
+    "size-1e400": _manifest_text("1e400"),
+    "size--1e400": _manifest_text("-1e400"),
+    "size-NaN": _manifest_text("NaN"),
+    "size-Infinity": _manifest_text("Infinity"),
+    "size-string": _manifest_text('"7"'),
+    "size-true": _manifest_text("true"),
+    "size-negative": _manifest_text("-7"),
+    "size-huge-int": _manifest_text("9" * 5000),
+    "sha-number": _manifest_text("7", sha="12"),
+    "sha-short": _manifest_text("7", sha='"abc"'),
+    "list": "[1, 2]",
+    "string": '"kernel"',
+    "null": "null",
+    "nested": "[" * 60000,
+    "not-utf8": b'{"sha256": "\xff\xfe", "size": 7}',
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("content", BAD_MANIFESTS.values(), ids=BAD_MANIFESTS.keys())
+def test_an_unreadable_manifest_is_untrusted_not_an_error(tmp_path, monkeypatch, content):
+    """In this process, no compiler needed: ``open_verified`` reads any of these as "not a
+    syncbn manifest" (which the loader reports and rebuilds); a valid one is accepted."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    library = cache / "kernel-test.so"
+    library.write_bytes(b"library!")  # hashed, never loaded
+    library.chmod(0o644)
+    manifest = cache / "kernel-test.json"
+    manifest.write_bytes(content if isinstance(content, bytes) else content.encode())
+    manifest.chmod(0o644)
+    monkeypatch.setenv("SYNCBN_CACHE_DIR", str(cache))
+    opened, refused = _cache.open_cache()
+    try:
+        assert not refused and opened.path == cache, refused
+        with pytest.raises(_cache.Untrusted, match=f"{manifest} is not a syncbn manifest"):
+            opened.open_verified("kernel-test")
+        with open(library, "rb") as f:
+            size, digest = _cache._digest(f.fileno())
+        manifest.write_text(json.dumps({"sha256": digest, "size": size}))
+        fd, read = opened.open_verified("kernel-test")
+        assert fd is not None and read == {"sha256": digest, "size": size}
+        os.close(fd)
+    finally:
+        opened.close()
+
+
+@pytest.mark.parametrize("which", ["size-1e400", "nested"])
+def test_an_unreadable_manifest_means_a_rebuild(tmp_path, cache, stem, which):
+    """The issue's reproduction, in a fresh process: the kernel is rebuilt in place (with a
+    valid manifest) and used, not disabled."""
+    (cache / f"{stem}.json").write_text(BAD_MANIFESTS[which])
+    report, text = _load(tmp_path, cache)
+    assert f"{cache / stem}.json is not a syncbn manifest" in text, text
+    assert "syncbn kernel --rebuild" in text, text
+    _fresh_build(report, cache / f"{stem}.so")
+    assert json.loads((cache / f"{stem}.json").read_text())["size"] == (
+        cache / f"{stem}.so").stat().st_size
+
+
 # --- without a compiler, and what builds leave behind ----------------------------------------
 
 

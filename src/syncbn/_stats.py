@@ -135,13 +135,20 @@ def normalize(
     """``(x - mean) / sqrt(var + eps) * weight + bias`` with given per-channel statistics.
 
     One fused pass (torch's inference kernel), in the input's dtype and memory format. Inputs
-    of more than 5 dims (which cuDNN refuses) are normalized as ``(N, C, -1)``.
+    of more than 5 dims (which cuDNN refuses) are normalized as ``(N, C, -1)``. The per-channel
+    tensors may each have any floating dtype (``model.half()`` gives float16 ``weight``/``bias``
+    with float32 statistics; float32 parameters may meet float64 input): they are taken in the
+    accumulation dtype, the one combination torch's kernel accepts for every input dtype.
     """
     if input.dim() > 5:
         flat = normalize(input.flatten(2), mean, var, weight, bias, eps)
         return flat.view(input.shape)
+    acc = acc_dtype(input.dtype)
+    weight = weight.to(acc) if weight is not None else None
+    bias = bias.to(acc) if bias is not None else None
     return torch.batch_norm(
-        input, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled
+        input, weight, bias, mean.to(acc), var.to(acc), False, 0.0, eps,
+        torch.backends.cudnn.enabled
     )
 
 

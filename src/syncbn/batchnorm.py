@@ -220,6 +220,43 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1 if plan.used is None else plan.used)
         return out  # type: ignore[no-any-return]
 
+    # ---------------------------------------------------------------- copies and pickles
+    # A process group belongs to this process's torch.distributed and can be neither copied nor
+    # pickled. A copy (copy.deepcopy, copy.copy) keeps the very same group: the documented
+    # export recipe ``revert_sync_batchnorm(copy.deepcopy(model))`` works with an explicit group.
+    # A pickle (torch.save of a whole model) leaves it out: the unpickled layer synchronizes
+    # over the default group until ``process_group`` is set again (warned when pickling).
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
+        import copy
+
+        group = self._process_group
+        if group is not None:
+            memo[id(group)] = group  # deepcopy hands back the group itself
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(super().__getstate__(), memo))
+        return new
+
+    def __copy__(self) -> SyncBatchNorm:
+        new = type(self).__new__(type(self))
+        new.__setstate__(super().__getstate__())
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if state.get("_process_group") is not None:
+            import warnings
+
+            warnings.warn(
+                "syncbn: a SyncBatchNorm layer with an explicit process_group was pickled "
+                "without it (a process group cannot be pickled); once unpickled it synchronizes "
+                "over the default group: set its process_group again (or convert the model "
+                "again with process_group=...) before training. state_dict() has no such "
+                "limit.", UserWarning, stacklevel=2)
+            state["_process_group"], state["_group_id"] = None, 0
+        return state
+
 
 class SyncBatchNorm1d(SyncBatchNorm):
     """:class:`SyncBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input, like ``torch.nn.BatchNorm1d``.

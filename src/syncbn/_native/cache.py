@@ -150,11 +150,11 @@ class CacheDir:
                                 "built by this version of syncbn)")
             with os.fdopen(mfd, "rb") as f:
                 raw = f.read(65536)
-            try:
-                manifest = json.loads(raw)
-                want_sha, want_size = str(manifest["sha256"]), int(manifest["size"])
-            except (ValueError, KeyError, TypeError):
-                raise Untrusted(f"{self.path / stem}.json is not a syncbn manifest") from None
+            manifest = _manifest(raw)
+            if manifest is None:  # reported like a damaged library: rebuilt, never fatal
+                raise Untrusted(f"{self.path / stem}.json is not a syncbn manifest (not a JSON "
+                                "object with a 64-hex-digit \"sha256\" and an integer \"size\")")
+            want_sha, want_size = manifest["sha256"], manifest["size"]
             size, digest = _digest(fd)
             if size != want_size or digest != want_sha:
                 raise Untrusted(f"{so} does not match its manifest ({size} bytes, sha256 "
@@ -250,6 +250,25 @@ class CacheDir:
         os.rename(note, self.path / f"{stem}.json")
         with contextlib.suppress(OSError):
             os.fsync(self.fd)
+
+
+def _manifest(raw: bytes) -> dict[str, Any] | None:
+    """The manifest in ``raw``, or None when it is not one: not JSON (or nested too deep, or an
+    integer too long to parse), not an object, or without a 64-hex-digit ``sha256`` string and
+    a non-negative integer ``size`` (``1e400``, ``NaN``, ``"12"`` and ``true`` are not)."""
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    sha, size = manifest.get("sha256"), manifest.get("size")
+    if not (isinstance(sha, str) and len(sha) == 64
+            and all(ch in "0123456789abcdef" for ch in sha)):
+        return None
+    if type(size) is not int or size < 0:
+        return None
+    return manifest
 
 
 def _digest(fd: int) -> tuple[int, str]:

@@ -12,6 +12,11 @@ backend       takes                                            module
 ``triton``    CUDA tensors (CPU under ``TRITON_INTERPRET=1``)  :mod:`.triton`
 ============  ===============================================  ==============================
 
+Per-channel tensors (weight, bias, running statistics) may each have their own floating dtype,
+whatever the input's (``model.half()``, autocast, a float32 layer fed float64): ``aten`` and
+``triton`` take every combination, ``fused`` float32/float64 ones (the others go to ``aten``).
+Statistics are kept in float32 or better; each tensor keeps its dtype, the output the input's.
+
 ``SYNCBN_KERNEL`` (read here, and only here) names one; ``auto``, the default, takes ``fused``
 where it applies and ``aten`` elsewhere. Every backend is a module with the functions of
 :class:`Backend`.
@@ -107,5 +112,6 @@ def describe(input: Tensor, *params: Tensor | None) -> str:
     if backend is not aten or kernel == "aten":
         return backend.NAME if kernel == "auto" else f"{backend.NAME} (SYNCBN_KERNEL={kernel})"
     if fused.applies(input, *params) is None:
-        return "aten (not a CPU float32/float64 contiguous or channels_last input)"
+        return ("aten (not a CPU float32/float64 contiguous or channels_last input with "
+                "float32/float64 per-channel tensors)")
     return "aten (kernel unavailable)"

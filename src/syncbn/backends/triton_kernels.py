@@ -164,6 +164,16 @@ def _split(mean, ACC: tl.constexpr):
     return hi, lo
 
 
+@_jit()
+def _narrow(v, ptr):
+    """float64 ``v`` in ``ptr``'s element type, bfloat16 through float32: Triton's interpreter
+    (3.9) turns a direct float64 -> bfloat16 cast into garbage. (Rounding twice can differ from
+    rounding once by one bfloat16 unit, in rare ties.)"""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        v = v.to(tl.float32)
+    return v.to(ptr.dtype.element_ty)
+
+
 # ---------------------------------------------------------------------------------- forward
 
 
@@ -273,13 +283,13 @@ def fwd_apply(x, out, buf, stats, w, b, rmean, rvar, status,
         new = before * (1.0 - momentum) + mean * momentum
         if POLICY == _SKIP:
             new = tl.where(_finite(new), new, before)
-        tl.store(rmean + c, new.to(rmean.dtype.element_ty), mask=update)
+        tl.store(rmean + c, _narrow(new, rmean), mask=update)
     if HAS_RV:
         before = tl.load(rvar + c, mask=update, other=0.0).to(tl.float64)
         new = before * (1.0 - momentum) + var * (count / (count - 1.0)) * momentum
         if POLICY == _SKIP:
             new = tl.where(_finite(new), new, before)
-        tl.store(rvar + c, new.to(rvar.dtype.element_ty), mask=update)
+        tl.store(rvar + c, _narrow(new, rvar), mask=update)
 
     scale = invstd
     if HAS_W:
@@ -350,9 +360,9 @@ def bwd_pack(part, stats, buf, gw, gb, T, C, rows, L, f0, f1, f2, f3, f4, f5,
     # an empty shard sends exact zeros, even when the global batch is empty too (invstd NaN)
     sdyxhat = tl.where(rows > 0, sdyx * tl.load(stats + C + c, mask=cmask, other=0.0), 0.0)
     if HAS_GW:
-        tl.store(gw + c, sdyxhat.to(gw.dtype.element_ty), mask=cmask)
+        tl.store(gw + c, _narrow(sdyxhat, gw), mask=cmask)
     if HAS_GB:
-        tl.store(gb + c, sdy.to(gb.dtype.element_ty), mask=cmask)
+        tl.store(gb + c, _narrow(sdy, gb), mask=cmask)
     if HAS_BUF:
         tl.store(buf + 1 + c, sdy, mask=cmask)
         tl.store(buf + 1 + C + c, sdyxhat, mask=cmask)
