@@ -73,16 +73,15 @@ def _steps(backend, geo, case: dict) -> dict:
     x, dy, w, b = case["x"], case["dy"], case["weight"], case["bias"]
     channels = x.shape[1]
     tag = _wire.LayerTag.for_layer("dtypes", 0, f"SyncBatchNorm1d({channels}) 'dtypes'")
-    tag.forward = tag.backward = 1
     size = _wire.length(_wire.width_for(channels))
-    fields = _wire.fields(tag, _wire.FORWARD, channels)
+    fields = _wire.fields(tag, _wire.FORWARD, channels, 1)
     buffer = torch.full((size,), float("nan"), dtype=torch.float64)
     assert backend.forward_reduce(geo, x, buffer, fields) == _wire.OK
     out, stats, code = backend.forward_apply(
         geo, x, buffer, 1, fields, w, b, case["running_mean"], case["running_var"], EPS,
         MOMENTUM, _wire.POLICIES["propagate"], None)
     assert code == _wire.OK, code
-    fields = _wire.fields(tag, _wire.BACKWARD, channels)
+    fields = _wire.fields(tag, _wire.BACKWARD, channels, 1)
     buffer = torch.full((size,), float("nan"), dtype=torch.float64)
     dw, db, code = backend.backward_reduce(geo, dy, x, stats, buffer, fields, w.dtype, b.dtype)
     assert code == _wire.OK, code

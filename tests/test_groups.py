@@ -83,7 +83,8 @@ def test_a_copy_keeps_the_very_same_group():
     for old, new in zip(_norms(model), _norms(clone)):
         assert new.process_group is group and new._group_id == old._group_id
         assert new.weight is not old.weight and torch.equal(new.weight, old.weight)
-        assert new._tag is not old._tag and _pass._tags[new._layer_id] is new._tag
+        assert new._sync is not old._sync and _pass._layers[new._layer_id] is new._sync
+        assert new._sync.tag == old._sync.tag  # the same layer identity
     plain = syncbn.revert_sync_batchnorm(copy.deepcopy(model))
     assert not _norms(plain) and len(_norms(model)) == 5
     x = torch.randn(2, 3, 3, 3)
@@ -107,7 +108,7 @@ def test_a_pickle_leaves_the_group_out_and_says_so():
     assert all(m.process_group is group for m in _norms(model))
     for m in _norms(loaded):
         assert m.process_group is None and m._group_id == 0
-        assert _pass._tags[m._layer_id] is m._tag
+        assert _pass._layers[m._layer_id] is m._sync
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pickle.loads(pickle.dumps(syncbn.convert_sync_batchnorm(_nested())))

@@ -90,12 +90,12 @@ def simulate(shards, grads, weight, bias, running, momentum=0.1, policy=PROPAGAT
     per_rank = fields or [fields_for(channels)] * ranks
     bufs = [poisoned(channels) for _ in shards]
     for x, buf, f in zip(shards, bufs, per_rank):
-        assert bt.forward_reduce(x, buf, f) is None
+        assert bt.forward_reduce(bt.applies(x), x, buf, f) == 0
     reduced = torch.stack(bufs).sum(0)  # the all_reduce
     outs, stats, codes = [], [], []
     for r, (x, f) in enumerate(zip(shards, per_rank)):
         rm, rv = running[r] if running is not None else (None, None)
-        out, st, code = bt.forward_apply(x, reduced.clone(), world, f, weight, bias, rm, rv, EPS,
+        out, st, code = bt.forward_apply(bt.applies(x), x, reduced.clone(), world, f, weight, bias, rm, rv, EPS,
                                          momentum, policy, status)
         outs.append(out)
         stats.append(st)
@@ -107,7 +107,7 @@ def simulate(shards, grads, weight, bias, running, momentum=0.1, policy=PROPAGAT
     bbufs, gws, gbs = [], [], []
     for x, dy, st, f in zip(shards, grads, stats, bw_fields):
         buf = poisoned(channels)
-        gw, gb = bt.backward_reduce(dy, x, st, buf, f, None if weight is None else weight.dtype,
+        gw, gb, _ = bt.backward_reduce(bt.applies(x), dy, x, st, buf, f, None if weight is None else weight.dtype,
                                     None if bias is None else bias.dtype)
         bbufs.append(buf)
         gws.append(gw)
@@ -115,7 +115,7 @@ def simulate(shards, grads, weight, bias, running, momentum=0.1, policy=PROPAGAT
     breduced = torch.stack(bbufs).sum(0)
     dxs, bcodes = [], []
     for x, dy, st, f in zip(shards, grads, stats, bw_fields):
-        dx, code = bt.backward_apply(dy, x, st, weight, breduced.clone(), world, f, status)
+        dx, code = bt.backward_apply(bt.applies(x), dy, x, st, weight, breduced.clone(), world, f, status)
         dxs.append(dx)
         bcodes.append(code)
     result.update(dx=dxs, dw=gws, db=gbs, bcodes=bcodes)
@@ -262,7 +262,7 @@ def test_buffers_are_the_torch_paths_buffers():
     bufs = []
     for x in shards:
         buf = poisoned(channels)
-        bt.forward_reduce(x, buf, f)
+        bt.forward_reduce(bt.applies(x), x, buf, f)
         torch.testing.assert_close(buf[1:2 * channels + 2], _stats.local_moments(x),
                                    rtol=1e-12, atol=1e-12)
         assert buf[0] == 1 and buf[-1] == 1
@@ -270,17 +270,17 @@ def test_buffers_are_the_torch_paths_buffers():
         assert torch.equal(buf[2 * channels + 2:-13], torch.zeros(pad, dtype=torch.float64))
         assert torch.equal(buf[-13:-1], header(f))
         again = poisoned(channels)
-        bt.forward_reduce(x, again, f)
+        bt.forward_reduce(bt.applies(x), x, again, f)
         assert torch.equal(again, buf), "the pack sums in a fixed order"
         bufs.append(buf)
     reduced = torch.stack(bufs).sum(0)
-    _, stats, code = bt.forward_apply(shards[0], reduced, 2, f, None, None, None, None, EPS,
+    _, stats, code = bt.forward_apply(bt.applies(shards[0]), shards[0], reduced, 2, f, None, None, None, None, EPS,
                                       0.1, PROPAGATE)
     assert code == OK
     mean, invstd = stats[:channels], stats[channels:2 * channels]
     for x, dy in zip(shards, grads):
         bbuf = poisoned(channels)
-        bt.backward_reduce(dy, x, stats, bbuf, fb, None, None)
+        bt.backward_reduce(bt.applies(x), dy, x, stats, bbuf, fb, None, None)
         expected = torch.cat(_stats.backward_reduce(dy, x, mean, invstd))
         torch.testing.assert_close(bbuf[1:2 * channels + 1], expected, rtol=1e-12, atol=1e-12)
         pad = length(channels) - 2 * channels - 14
@@ -292,7 +292,7 @@ def test_buffers_are_the_torch_paths_buffers():
 def test_float32_buffer_matches_the_torch_path():
     x = make_data([6], (4, 5), torch.float32, seed=2, mean=50.0)[0][0]
     buf = poisoned(4)
-    bt.forward_reduce(x, buf, fields_for(4))
+    bt.forward_reduce(bt.applies(x), x, buf, fields_for(4))
     torch.testing.assert_close(buf[1:10], _stats.local_moments(x), rtol=1e-6, atol=1e-6)
 
 
@@ -329,7 +329,7 @@ def test_header_mismatch_sets_status_and_updates_nothing():
     per_rank = [fields_for(channels), [1, 1234, 6, 7, channels, 0]]
     status = torch.zeros(1, dtype=torch.int32)
     got = simulate(shards, grads, None, None, running, fields=per_rank, status=status)
-    assert got["codes"] == [None, None]  # with a status word the codes land in it
+    assert got["codes"] == [OK, OK]  # with a status word the codes land in it
     assert status.item() == MISMATCH
     for rm, rv in running:
         assert torch.equal(rm, keep[0]) and torch.equal(rv, keep[1])
@@ -339,21 +339,21 @@ def test_header_mismatch_sets_status_and_updates_nothing():
     # a partly reduced buffer: right header, one sentinel off
     x, dy = shards[0], grads[0]
     buf = poisoned(channels)
-    bt.forward_reduce(x, buf, fields_for(channels))
+    bt.forward_reduce(bt.applies(x), x, buf, fields_for(channels))
     for end in (0, -1):
         broken = buf.clone()
         broken[end] = 2.0
-        code = bt.forward_apply(x, broken, 1, fields_for(channels), None, None, None, None, EPS,
+        code = bt.forward_apply(bt.applies(x), x, broken, 1, fields_for(channels), None, None, None, None, EPS,
                                 0.1, PROPAGATE)[2]
         assert code == MISMATCH, f"sentinel {end}"
     # a backward-only mismatch
     status.zero_()
-    _, stats, _ = bt.forward_apply(x, buf, 1, fields_for(channels), None, None, None, None, EPS,
+    _, stats, _ = bt.forward_apply(bt.applies(x), x, buf, 1, fields_for(channels), None, None, None, None, EPS,
                                    0.1, PROPAGATE, status)
     assert status.item() == OK
     bbuf = poisoned(channels)
-    bt.backward_reduce(dy, x, stats, bbuf, fields_for(channels, 1), None, None)
-    bt.backward_apply(dy, x, stats, None, bbuf, 1, fields_for(channels, 1, key=99), status)
+    bt.backward_reduce(bt.applies(x), dy, x, stats, bbuf, fields_for(channels, 1), None, None)
+    bt.backward_apply(bt.applies(x), dy, x, stats, None, bbuf, 1, fields_for(channels, 1, key=99), status)
     assert status.item() == MISMATCH
 
 
@@ -387,16 +387,16 @@ def test_three_launches_per_direction():
         f = fields_for(channels)
         buf = poisoned(channels)
         start = bt.launches()
-        bt.forward_reduce(x, buf, f)
+        bt.forward_reduce(bt.applies(x), x, buf, f)
         assert bt.launches() - start == 2
-        _, stats, code = bt.forward_apply(x, buf, 1, f, None, None, None, None, EPS, 0.1,
+        _, stats, code = bt.forward_apply(bt.applies(x), x, buf, 1, f, None, None, None, None, EPS, 0.1,
                                           PROPAGATE)
         assert bt.launches() - start == 3 and code == OK
         bbuf = poisoned(channels)
-        bt.backward_reduce(dy, x, stats, bbuf, fields_for(channels, 1), torch.float32,
+        bt.backward_reduce(bt.applies(x), dy, x, stats, bbuf, fields_for(channels, 1), torch.float32,
                            torch.float32)
         assert bt.launches() - start == 5
-        dx, code = bt.backward_apply(dy, x, stats, None, bbuf, 1, fields_for(channels, 1))
+        dx, code = bt.backward_apply(bt.applies(x), dy, x, stats, None, bbuf, 1, fields_for(channels, 1))
         assert bt.launches() - start == 6 and code == OK
         ref = x.double().requires_grad_()
         F.batch_norm(ref, None, None, training=True, eps=EPS).backward(dy.double())

@@ -118,23 +118,26 @@ class Plan:
 
 
 def plan(state: LayerState, input: Tensor, params: tuple[Tensor | None, ...],
-         process_group: Any | None) -> Plan:
+         process_group: Any | None, force: bool = False) -> Plan:
     """The layer's plan for a training pass on ``input`` with ``params`` (weight, bias, running
     mean, running var); ``plan.sync`` False: the pass does not synchronize (a group of one
-    rank, unless ``SYNCBN_FORCE_SYNC``). Rebuilt only when what it was made for changed."""
+    rank, unless ``SYNCBN_FORCE_SYNC``, or ``force``: the registered ops, which always take the
+    synchronized path; its collective is skipped on one rank). Rebuilt only when what it was
+    made for changed."""
     current = state.plan
     w, b, rm, rv = params
     key = (input.shape, input.stride(), input.dtype, input.device,
            None if w is None else w.dtype, None if b is None else b.dtype,
            None if rm is None else rm.dtype, None if rv is None else rv.dtype)
     if (current is not None and current.key == key and current.settings is _settings.current
+            and (current.sync or not force)
             and current.group.ref() is _comm.resolve(process_group)
             and current.epoch == current.group.epoch and current.thread == threading.get_ident()):
         return current
     state.check(input)
     settings = _settings.get()
     group = _comm.group(process_group)
-    sync = group.size > 1 or (settings.force_sync and group.ref() is not None)
+    sync = force or group.size > 1 or (settings.force_sync and group.ref() is not None)
     if sync:
         thread = threading.get_ident()
         if group.thread is not None and group.thread != thread:
@@ -393,12 +396,7 @@ def layer_id(state: LayerState) -> int:
 
 
 def _op_plan(layer: int, group: int, input: Tensor, params: tuple[Tensor | None, ...]) -> Plan:
-    p = plan(_layers[layer], input, params, _group(group))
-    if not p.sync:  # the layer decided to synchronize while tracing; the group has one rank
-        raise _wire.SyncBatchNormError(
-            f"syncbn: {_layers[layer].tag.description}: its process group has one rank at run "
-            "time, but more when the model was compiled")
-    return p
+    return plan(_layers[layer], input, params, _group(group), force=True)
 
 
 @torch.library.custom_op("syncbn::forward", mutates_args=("running_mean", "running_var"))

@@ -138,12 +138,11 @@ class SyncBatchNorm(_BatchNorm):
         if "_process_group" not in state:  # pickled by syncbn 0.1: a plain attribute then
             state = {**state, "_process_group": state.get("process_group")}
             state.pop("process_group", None)
-        tag = state.pop("_tag", None)  # syncbn 0.2 kept the tag itself
+        state = dict(state)
+        tag = state.pop("_tag", None)  # the copy's identity: the original's
+        state.pop("_sync", None)
         super().__setstate__(state)
-        if "_sync" not in state:
-            self._sync = _pass.LayerState(tag or self._make_tag(), self._check)
-        else:
-            self._sync = _pass.LayerState(self._sync.tag, self._check)
+        self._sync = _pass.LayerState(tag or self._make_tag(), self._check)
         self._layer_id = _pass.layer_id(self._sync)
         self._group_id = _pass.group_id(self._process_group)
 
@@ -227,6 +226,15 @@ class SyncBatchNorm(_BatchNorm):
     # A pickle (torch.save of a whole model) leaves it out: the unpickled layer synchronizes
     # over the default group until ``process_group`` is set again (warned when pickling).
 
+    def _portable_state(self) -> dict[str, Any]:
+        """The layer's state for a copy or a pickle: its identity (tag) rather than its
+        per-process state (plan, group), which the copy makes anew (``__setstate__``)."""
+        state = dict(super().__getstate__())
+        sync = state.pop("_sync", None)
+        if sync is not None:
+            state["_tag"] = sync.tag
+        return state
+
     def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
         import copy
 
@@ -235,16 +243,16 @@ class SyncBatchNorm(_BatchNorm):
             memo[id(group)] = group  # deepcopy hands back the group itself
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(super().__getstate__(), memo))
+        new.__setstate__(copy.deepcopy(self._portable_state(), memo))
         return new
 
     def __copy__(self) -> SyncBatchNorm:
         new = type(self).__new__(type(self))
-        new.__setstate__(super().__getstate__())
+        new.__setstate__(self._portable_state())
         return new
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
+        state = self._portable_state()
         if state.get("_process_group") is not None:
             import warnings
 
