@@ -60,7 +60,7 @@ def test_random_cases_match_the_reference_or_fail_loudly(case):
         assert f"SyncBatchNorm({case['tail'][0]})" in out[bad][1], out
         for rank, (kind, msg) in enumerate(out):
             if rank != bad:  # left waiting: a bounded, clear error naming the layer
-                assert kind == "RuntimeError" and "failed in the all_reduce" in msg, out
+                assert kind == "SyncBatchNormError" and "failed in the all_reduce" in msg, out
     elif values == 1:
         assert all(k == "ValueError" and "Expected more than 1 value per channel" in m for k, m in out), out
     else:

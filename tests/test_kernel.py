@@ -101,14 +101,19 @@ def _copy(t, grad=False):
     return out.requires_grad_(grad)
 
 
+def _plan(x, params, name: str) -> _pass.Plan:
+    """The synchronized path's plan for this input on the 1-rank group (collective skipped)."""
+    state = _pass.LayerState(_wire.LayerTag.for_layer(name, 0, f"SyncBatchNorm({name})"), print)
+    return _pass.synchronized_plan(state, x, params)
+
+
 def _sync(x, dy, weight, bias, rmean, rvar, eps=1e-5, momentum=0.1) -> dict[str, Any]:
     """One forward/backward of the synchronized Function (path from SYNCBN_KERNEL, read now)."""
     _settings.reload()
-    tag = _wire.LayerTag.for_layer("test_kernel", 0, "SyncBatchNorm(test_kernel)")
-    layer = _pass.layer_id(tag)
     xl, wl, bl = (_copy(t, grad=True) for t in (x, weight, bias))
     rm, rv = _copy(rmean), _copy(rvar)
-    y = _pass.SyncBatchNormFunction.apply(xl, wl, bl, rm, rv, eps, momentum, 0, layer)
+    y = _pass.SyncBatchNormFunction.apply(xl, wl, bl, rm, rv, eps, momentum,
+                                          _plan(xl, (wl, bl, rm, rv), "test_kernel"))
     y.backward(dy)
     return {"y": y.detach(), "dx": xl.grad, "dw": None if wl is None else wl.grad,
             "db": None if bl is None else bl.grad, "running_mean": rm, "running_var": rv}
@@ -401,10 +406,9 @@ _CHILD = textwrap.dedent("""
         warnings.simplefilter("always")
         for step in range(2):  # the second pass must not warn again
             xl = x.clone().requires_grad_()
-            tag = _wire.LayerTag.for_layer("child", 0, "SyncBatchNorm(child)")
-            layer = _pass.layer_id(tag)
-            y = _pass.SyncBatchNormFunction.apply(xl, None, None, None, None, 1e-5, 0.1,
-                                                         0, layer)
+            state = _pass.LayerState(_wire.LayerTag.for_layer("child", 0, "child"), print)
+            plan = _pass.synchronized_plan(state, xl, (None, None, None, None))
+            y = _pass.SyncBatchNormFunction.apply(xl, None, None, None, None, 1e-5, 0.1, plan)
             y.backward(dy)
     torch.save({"x": x, "dy": dy, "y": y.detach(), "dx": xl.grad}, out)
     dist.destroy_process_group()

@@ -7,6 +7,7 @@
 """
 
 from . import functional, parallel
+from ._wire import NonFiniteError, OutOfStepError, SyncBatchNormError
 from .batchnorm import BatchNormNd, SyncBatchNorm, SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
 from .parallel import DataParallel
@@ -16,10 +17,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormNd",
     "DataParallel",
+    "NonFiniteError",
+    "OutOfStepError",
     "SyncBatchNorm",
     "SyncBatchNorm1d",
     "SyncBatchNorm2d",
     "SyncBatchNorm3d",
+    "SyncBatchNormError",
     "__version__",
     "convert_sync_batchnorm",
     "functional",

@@ -419,8 +419,8 @@ def _backward_op(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], s
                  group: int, layer: int, need_input: bool, need_weight: bool, need_bias: bool,
                  bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """The backward pass as an opaque op; a gradient not needed comes back empty."""
-    p = _layers[layer].plan
-    if p is None or p.key[0] != input.shape:
+    p = _layers[layer].plan  # the forward's, in the usual case
+    if p is None or not p.sync or p.key[0] != input.shape:
         p = _op_plan(layer, group, input, (weight, None, None, None))
     gi, gw, gb = backward(p, grad_output, input, weight, stats, need_input,
                           weight.dtype if need_weight and weight is not None else None,

@@ -74,7 +74,7 @@ def route(layer: Any, input: Tensor) -> Tensor | None:
         return group.batch_norm(index, layer, input)
     if vars(layer).get("_syncbn_replicated"):  # its last training pass was over replicas
         if torch._C._current_graph_task_id() != -1:  # as the Module itself tells a recompute
-            raise RuntimeError(
+            raise _wire.SyncBatchNormError(
                 f"syncbn: {layer.layer_description()} is run again inside the backward "
                 "(activation checkpointing) after a synchronized pass in syncbn.DataParallel: "
                 "the recompute runs outside the replicas' threads and cannot be synchronized. "
@@ -180,7 +180,7 @@ class ReplicaGroup:
             slot.arrivals[index] = _Arrival(original, layer, input)
             for other, arrival in slot.arrivals.items():
                 if arrival.original is not original:  # out of step: name both layers
-                    raise self.fail(index, self._named(RuntimeError(
+                    raise self.fail(index, self._named(_wire.OutOfStepError(
                         f"syncbn.DataParallel: replicas out of step at their syncbn layer call "
                         f"#{slot_index + 1} of this forward: replica {index} is at "
                         f"{self._describe(original)}, replica {other} at "
@@ -218,7 +218,7 @@ class ReplicaGroup:
                 raise _Aborted()
             for other, calls in self._finished.items():
                 if calls <= slot_index:
-                    raise self.fail(index, self._named(RuntimeError(
+                    raise self.fail(index, self._named(_wire.OutOfStepError(
                         f"syncbn.DataParallel: replicas out of step: replica {index} is at "
                         f"{self._describe(self._last[index])} (its syncbn layer call "
                         f"#{slot_index + 1} of this forward), but replica {other} finished its "
@@ -228,7 +228,7 @@ class ReplicaGroup:
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = [r for r in range(self.size) if r not in slot.arrivals]
-                raise self.fail(index, self._named(RuntimeError(
+                raise self.fail(index, self._named(_wire.SyncBatchNormError(
                     f"syncbn.DataParallel: replica {index} waited {self.timeout:g} s at "
                     f"{self._describe(self._last[index])} (its syncbn layer call "
                     f"#{slot_index + 1} of this forward) for replica(s) {missing}, which did "

@@ -50,13 +50,19 @@ class SyncBatchNormError(RuntimeError):
     settings that differ, non-finite statistics under ``SYNCBN_NONFINITE=raise``): raised on
     every rank of the group, naming the layer. ``syncbn.SyncBatchNormError``."""
 
+    __module__ = "syncbn"
+
 
 class OutOfStepError(SyncBatchNormError):
     """The ranks were not at the same layer, pass and direction (or met another collective)."""
 
+    __module__ = "syncbn"
+
 
 class NonFiniteError(SyncBatchNormError):
     """Non-finite global statistics under ``SYNCBN_NONFINITE=raise`` (or seen in debug mode)."""
+
+    __module__ = "syncbn"
 
 # Directions (a header field). WIDEN: the group's buffers grow (see _comm.buffer_length).
 FORWARD, BACKWARD, WIDEN = 1, 2, 3
