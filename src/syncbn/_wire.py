@@ -177,7 +177,7 @@ def _passless(fields: list[int]) -> tuple[int | None, ...]:
     return tuple(None if i == _PASS else int(f) for i, f in enumerate(fields))
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=4096)
 def _template(device: torch.device, size: int, fields: tuple[int | None, ...],
               count_at: int | None) -> Tensor:
     # one host-to-device copy per (device, length, layer, direction): never per pass
@@ -215,7 +215,7 @@ def header_matches(buffer: Tensor, fields: list[int], world: int) -> Tensor:
     return (header(buffer) == header_on(buffer.device, fields) * world).all()
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=4096)
 def _bounds(device: torch.device, size: int, fields: tuple[int | None, ...], world: int,
             count_at: int, min_count: int) -> Tensor:
     tail = [v * world for v in _values(size, fields, count_at)[count_at:]]
