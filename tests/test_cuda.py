@@ -7,9 +7,12 @@ code, with torch's CUDA-only SyncBatchNorm operators replaced by CPU stand-ins
   BatchNorm on the concatenated batch; uneven and empty shards, float32/float64/bfloat16,
   contiguous and channels_last, 2-D/4-D/5-D; on the host path (CPU: header checked here) and on
   the device path (as on CUDA: header checked on the device, running statistics guarded);
+* per-channel tensors of every dtype combination;
 * numerics at mean/std 1e4 in float32, with CUDA's float32 Welford emulated;
 * the operators each direction dispatches (what a GPU launches, one kernel each);
-* ranks on cuda, aten and the fused kernel in one gloo group (tests/cuda_workers.py).
+* ranks on cuda, aten and the fused kernel in one gloo group (tests/cuda_workers.py);
+* on a GPU (marked ``cuda``, skipped without one): torch's real kernels against float64, with
+  no host sync.
 """
 
 from __future__ import annotations
@@ -54,13 +57,16 @@ class Ranks:
     """``world`` ranks of one layer in one process, each with its own running statistics."""
 
     def __init__(self, channels: int, world: int, dtype: torch.dtype, welford: bool = False,
-                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
-        self.channels, self.world, self.welford = channels, world, welford
-        param = cuda_standins.acc(dtype)  # float32 parameters for half input (autocast-style)
-        self.weight = None if weight is None else weight.to(param)
-        self.bias = None if bias is None else bias.to(param)
-        self.running = [(torch.zeros(channels, dtype=param), torch.ones(channels, dtype=param))
-                        for _ in range(world)]
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 dtypes: tuple[torch.dtype, ...] | None = None, device: str = "cpu") -> None:
+        """``dtypes``: weight's, bias', running mean's and var's (default: the accumulation
+        dtype of ``dtype``, as with autocast)."""
+        self.channels, self.world, self.welford, self.device = channels, world, welford, device
+        wd, bd, md, vd = dtypes or (cuda_standins.acc(dtype),) * 4
+        self.weight = None if weight is None else weight.to(device, wd)
+        self.bias = None if bias is None else bias.to(device, bd)
+        self.running = [(torch.zeros(channels, dtype=md, device=device),
+                         torch.ones(channels, dtype=vd, device=device)) for _ in range(world)]
         self.tag = _wire.LayerTag(0x0003_0007, "SyncBatchNorm(test)")
         self.forwards = self.backwards = 0  # pass counters
         self.size = _wire.length(_wire.width_for(channels))
@@ -74,7 +80,7 @@ class Ranks:
                 for r, x in enumerate(xs)]
         buffers = []
         for geo, x, f in zip(geos, xs, fields):
-            buffer = torch.empty(self.size, dtype=torch.float64)
+            buffer = torch.empty(self.size, dtype=torch.float64, device=self.device)
             assert cuda.forward_reduce(geo, x, buffer, f) == _wire.OK
             buffers.append(buffer)
         total = torch.stack(buffers).sum(0)  # the all_reduce
@@ -89,7 +95,7 @@ class Ranks:
         geos = [cuda.applies(x, self.weight, welford=self.welford) for x in xs]
         buffers, shares = [], []
         for geo, dy, x, s in zip(geos, dys, xs, stats):
-            buffer = torch.empty(self.size, dtype=torch.float64)
+            buffer = torch.empty(self.size, dtype=torch.float64, device=self.device)
             shares.append(cuda.backward_reduce(geo, dy, x, s, buffer, f, self.weight.dtype,
                                                self.bias.dtype))
             buffers.append(buffer)
@@ -139,6 +145,44 @@ def test_steps_match_float64_batchnorm(path, welford, dtype_name, sizes, tail, m
                 first = ranks.running[0][i]
                 assert_matches(first, ref[step][key], dtype, f"step {step}: {key}")
                 assert all(torch.equal(first, running[i]) for running in ranks.running), key
+
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+
+@pytest.mark.parametrize("dtype,dtypes", [
+    (BF16, (BF16, BF16, BF16, BF16)),  # model.bfloat16()
+    (F16, (F16, F16, F16, F16)),  # model.half(): float16 running statistics, via a copy
+    (F32, (F64, F64, F64, F64)),  # a float64 layer fed float32
+    (F64, (F32, F32, F32, F32)),  # a float32 layer fed float64
+    (BF16, (F32, BF16, F16, F32)),  # everything different
+], ids=["bf16-model", "half-model", "f64-layer-f32-input", "f32-layer-f64-input", "mixed"])
+def test_every_parameter_dtype(path, dtype, dtypes):
+    """Weight, bias and running statistics of any floating dtype, whatever the input's: cast
+    where torch's kernels want another; each keeps its dtype."""
+    sizes, tail = [3, 0, 4], (3, 2, 2)
+    shards, grads = make_data(sizes, tail, dtype, seed=5, mean=3.0, std=2.0)
+    weight, bias = make_params(tail[0], seed=5)
+    ref = reference_steps(shards, grads, weight, bias, 2, MOMENTUM, EPS, True)
+    ranks = Ranks(tail[0], len(sizes), dtype, False, weight, bias, dtypes)
+    # the coarser of the input's and the tensor's precision
+    coarse = {t: max((dtype, t), key=lambda d: DTYPES_EPS[d]) for t in dtypes}
+    for step in range(2):
+        forward = ranks.forward(shards)
+        backward = ranks.backward(grads, shards, [s for _, s, _ in forward])
+        for r, ((out, _, code), (dx, code_b, dw, db)) in enumerate(zip(forward, backward)):
+            assert code == code_b == _wire.OK
+            assert out.dtype == dx.dtype == dtype
+            assert (dw.dtype, db.dtype) == dtypes[:2]
+            assert_matches(out, ref[step]["y"][r], coarse[dtypes[0]], f"rank {r}: output")
+            assert_matches(dx, ref[step]["dx"][r], coarse[dtypes[0]], f"rank {r}: grad_input")
+        for i, key in enumerate(("running_mean", "running_var")):
+            got = ranks.running[0][i]
+            assert got.dtype == dtypes[2 + i]
+            assert_matches(got, ref[step][key], coarse[dtypes[2 + i]], f"step {step}: {key}")
+
+
+DTYPES_EPS = {F64: 1e-16, F32: 1e-7, F16: 1e-3, BF16: 1e-2}
 
 
 def test_world_of_one_matches_torch_batchnorm(path):
@@ -244,13 +288,15 @@ def test_numerics_at_mean_over_std_1e4():
 
 
 # ------------------------------------------------------------------------------ operator counts
-_ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-                torch.ops.aten.empty_like.default}
+# allocations (no kernel) and dtype arithmetic (no tensor)
+_NOT_KERNELS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                torch.ops.aten.empty_like.default, torch.ops.aten.promote_types.default}
 
 
 class Ops(TorchDispatchMode):
     """The ATen operators dispatched inside the block: every one that computes (each is one
-    kernel launch, or one memset, on CUDA), leaving out views and allocations; host reads
+    kernel launch, or one memset, on CUDA), leaving out views, allocations and dtype
+    arithmetic; host reads
     (``_local_scalar_dense``: a device sync on CUDA) are listed apart."""
 
     def __init__(self) -> None:
@@ -261,7 +307,7 @@ class Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten._local_scalar_dense.default:
             self.host_reads += 1
-        elif not func.is_view and func not in _ALLOCATIONS:
+        elif not func.is_view and func not in _NOT_KERNELS:
             self.ops.append(func.__name__)
         return func(*args, **(kwargs or {}))
 
@@ -357,6 +403,52 @@ def test_fewer_operators_than_the_torch_operator_backend(monkeypatch):
     assert len(lean["backward"]) < (len(backward.ops) - 1) / 2
 
 
+# ------------------------------------------------------------------------------ on a GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("welford", [False, True], ids=["cuda", "cuda-welford"])
+@pytest.mark.parametrize("dtype,dtypes,memory", [
+    (F32, None, "contiguous"),
+    (BF16, None, "channels_last"),
+    (F64, None, "contiguous"),
+    (BF16, (BF16, BF16, BF16, BF16), "contiguous"),
+    (F16, (F16, F16, F16, F16), "channels_last"),
+    (F32, (F64, F32, F64, F64), "contiguous"),
+], ids=["f32", "bf16-channels-last", "f64", "bf16-model", "half-model-channels-last", "mixed"])
+def test_on_a_gpu_torch_kernels_match_float64_without_a_host_sync(welford, dtype, dtypes, memory):
+    """torch's real kernels (not the stand-ins) at 3 ranks in one process, one of them empty:
+    float64 BatchNorm's results, and no host sync in any step once warm
+    (``torch.cuda.set_sync_debug_mode("error")``)."""
+    if not torch.cuda.is_available():
+        print("CUDA is not available on this machine")
+        pytest.skip("CUDA is not available on this machine")
+    sizes, tail = [3, 0, 5], (4, 3, 2)
+    shards, grads = make_data(sizes, tail, dtype, seed=7, mean=3.0, std=2.0)
+    weight, bias = make_params(tail[0], seed=7)
+    ref = reference_steps(shards, grads, weight, bias, 3, MOMENTUM, EPS, True)
+    ranks = Ranks(tail[0], len(sizes), dtype, welford, weight, bias, dtypes, "cuda")
+    xs = [_layout(s.cuda(), memory) for s in shards]
+    dys = [_layout(g.cuda(), memory) for g in grads]
+    coarse = max((dtype, *(dtypes or ())), key=lambda d: DTYPES_EPS[d])
+    for step in range(3):
+        if step:  # the first pass makes the cached templates (a host-to-device copy)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            forward = ranks.forward(xs)
+            backward = ranks.backward(dys, xs, [s for _, s, _ in forward])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for r, ((out, _, _), (dx, _, _, _)) in enumerate(zip(forward, backward)):
+            assert_matches(out.cpu(), ref[step]["y"][r], coarse, f"step {step} rank {r}: output")
+            assert_matches(dx.cpu(), ref[step]["dx"][r], coarse,
+                           f"step {step} rank {r}: grad_input")
+        for key, index in (("dw", 2), ("db", 3)):
+            total = sum(b[index].double().cpu() for b in backward)
+            assert_matches(total, ref[step][key], coarse, f"step {step}: summed {key}")
+        for i, key in enumerate(("running_mean", "running_var")):
+            assert_matches(ranks.running[0][i].cpu(), ref[step][key], coarse, f"step {step}: {key}")
+
+
 # ------------------------------------------------------------------------------ selection
 def test_selected_only_when_named(monkeypatch):
     x = torch.randn(4, 3)
@@ -374,14 +466,11 @@ def test_selected_only_when_named(monkeypatch):
 
 @pytest.mark.parametrize("input,params", [
     (torch.randn(4, 3, device="meta"), ()),  # no SyncBatchNorm kernels on this device
-    (torch.randn(4, 3), (torch.ones(3, dtype=torch.float64),)),  # float64 weight, float32 input
-    (torch.randn(4, 3), (torch.ones(3), torch.zeros(3, dtype=torch.bfloat16))),  # mixed affine
-    (torch.randn(4, 3), (None, None, torch.zeros(3, dtype=torch.float64), torch.ones(3))),
-    (torch.randn(4, 3).half(), (None, None, torch.zeros(3).half(), torch.ones(3).half())),
+    (torch.randn(4, 3), (torch.ones(4),)),  # a weight of 4 for 3 channels
+    (torch.randn(4, 3), (torch.ones(3, dtype=torch.int64),)),
     (torch.randn(4, 3).int(), ()),
     (torch.randn(4, 0), ()),
-], ids=["meta-device", "float64-weight", "mixed-affine", "float64-running", "float16-running", "int",
-        "no-channels"])
+], ids=["meta-device", "weight-of-4", "int-weight", "int-input", "no-channels"])
 def test_unavailable_is_an_error_naming_the_setting(monkeypatch, input, params):
     monkeypatch.setenv("SYNCBN_KERNEL", "cuda")
     _settings.reload()

@@ -15,8 +15,9 @@ backend       takes                                            module
 ============  ===============================================  ==============================
 
 Per-channel tensors (weight, bias, running statistics) may each have their own floating dtype,
-whatever the input's (``model.half()``, autocast, a float32 layer fed float64): ``aten`` and
-``triton`` take every combination, ``fused`` float32/float64 ones (the others go to ``aten``).
+whatever the input's (``model.half()``, autocast, a float32 layer fed float64): ``aten``,
+``triton`` and ``cuda`` take every combination, ``fused`` float32/float64 ones (the others go to
+``aten``).
 Statistics are kept in float32 or better; each tensor keeps its dtype, the output the input's.
 
 ``SYNCBN_KERNEL`` (read here, and only here) names one (``cuda-welford``: the ``cuda`` backend
@@ -98,10 +99,9 @@ def select(input: Tensor, *params: Tensor | None) -> tuple[Backend, Any]:
             raise BackendUnavailable(
                 f"syncbn: SYNCBN_KERNEL={kernel}, but the lean CUDA backend cannot take this "
                 f"pass (input {input.dtype} on {input.device}; it needs a float16/bfloat16/"
-                "float32/float64 CUDA tensor, weight and bias of one dtype (the input's, or "
-                "float32; float64 for float64 input), running statistics of one dtype, all on "
-                "the input's device; CPU tensors only where torch's SyncBatchNorm operators have "
-                "CPU kernels, as in syncbn's tests)")
+                "float32/float64 CUDA tensor with per-channel tensors of those dtypes on its "
+                "device; CPU tensors only where torch's SyncBatchNorm operators have CPU "
+                "kernels, as in syncbn's tests)")
         return cuda, lean
     if kernel == "triton":
         geo = triton.applies(input, *params)

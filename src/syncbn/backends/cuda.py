@@ -65,27 +65,19 @@ class Geometry:
 def applies(input: Tensor, *params: Tensor | None, welford: bool = False) -> Geometry | None:
     """The geometry when this backend can take the pass, else None: a CUDA tensor (on another
     device only where torch's SyncBatchNorm operators run there: CPU in the tests) of
-    float16/bfloat16/float32/float64 with C >= 1; 1-D per-channel tensors of C on its device,
-    weight and bias of one dtype, the input's or float32 (float64 for float64 input), running
-    statistics of one dtype (not float16) whose accumulation dtype is the input's."""
+    float16/bfloat16/float32/float64 with C >= 1, and 1-D per-channel tensors of C values on
+    its device, each of any of those dtypes (cast where torch's kernels want another)."""
     if input.device.type != "cuda" and not _operators_run_on(input.device.type):
         return None
     if input.dim() < 2 or input.dtype not in _DTYPES or input.shape[1] == 0:
         return None
-    channels, acc = input.shape[1], _stats.acc_dtype(input.dtype)
-    weight, bias, running_mean, running_var = (list(params) + [None] * 4)[:4]
+    channels = input.shape[1]
     for t in params:
         if t is not None and (t.dim() != 1 or t.numel() != channels or t.device != input.device
                               or t.dtype not in _DTYPES):
             return None
-    affine = [t.dtype for t in (weight, bias) if t is not None]
-    if any(d not in (input.dtype, acc) for d in affine) or len(set(affine)) > 1:
-        return None  # torch's kernels read weight and bias in one dtype
-    running = [t.dtype for t in (running_mean, running_var) if t is not None]
-    if (len(set(running)) > 1 or any(_stats.acc_dtype(d) != acc for d in running)
-            or torch.float16 in running):  # the gather kernel reads N in their dtype: 65504 max
-        return None
-    return Geometry(channels, input.numel() // channels, acc, shift=not welford)
+    return Geometry(channels, input.numel() // channels, _stats.acc_dtype(input.dtype),
+                    shift=not welford)
 
 
 _available: set[str] = set()  # device types (other than CUDA) where the operators were seen to run
@@ -165,10 +157,13 @@ def forward_apply(geo: Geometry, x: Tensor, buffer: Tensor, world: int, fields: 
     var.addcmul_(mean, mean, value=-1.0).clamp_min_(eps).rsqrt_()  # 1/sqrt(max(var, 0) + eps)
     low = stats if geo.acc == torch.float64 else stats.to(geo.acc)  # mean, invstd, N for the kernels
     if running_mean is not None and running_var is not None:
-        _update_running(geo, x, buffer, world, fields, running_mean, running_var, low, eps,
-                        momentum, policy, host)
+        _update_running(geo, x, buffer, world, fields, running_mean, running_var, stats, low,
+                        eps, momentum, policy, host)
     if geo.count == 0:
         return torch.empty_like(x), stats, _wire.OK  # torch's kernels are not called on no data
+    affine = {t.dtype for t in (weight, bias) if t is not None}
+    if not (affine <= {x.dtype} or affine == {geo.acc}):  # the kernel reads both in one dtype,
+        weight, bias = (None if t is None else t.to(geo.acc) for t in (weight, bias))  # x's or acc
     out = torch.batch_norm_elemt(x, weight, bias, low[:channels], low[channels:2 * channels], eps)
     return out, stats, _wire.OK
 
@@ -188,24 +183,38 @@ def _eps_tail(device: torch.device, channels: int, eps: float) -> Tensor:
 
 
 def _update_running(geo: Geometry, x: Tensor, buffer: Tensor, world: int, fields: list[int],
-                    running_mean: Tensor, running_var: Tensor, low: Tensor, eps: float,
-                    momentum: float, policy: int, host: bool) -> None:
+                    running_mean: Tensor, running_var: Tensor, stats: Tensor, low: Tensor,
+                    eps: float, momentum: float, policy: int, host: bool) -> None:
     """``running = (1 - momentum) * running + momentum * batch`` (unbiased var) by torch's
-    gather kernel, which takes the global statistics as one "rank" of N values. Off the host,
-    into a copy first, kept only where the buffer's header matches and N >= 2 (decided on the
-    device); under ``SYNCBN_NONFINITE=skip`` a channel whose new value is not finite keeps its
-    old one."""
+    gather kernel, which takes the global statistics as one "rank" of N values and updates the
+    running statistics in their dtype. Off the host, into a copy first, kept only where the
+    buffer's header matches and N >= 2 (decided on the device); under
+    ``SYNCBN_NONFINITE=skip`` a channel whose new value is not finite keeps its old one. Running
+    statistics of two dtypes, or float16 ones (the kernel reads N in their dtype: 65504 at
+    most), go through a copy in float32 or better."""
     channels = geo.channels
-    counts = low[2 * channels:]
-    if counts.dtype != running_mean.dtype:
-        counts = counts.to(running_mean.dtype)  # the kernel reads counts in the running dtype
+    dtype = running_mean.dtype
+    native = dtype == running_var.dtype and dtype != torch.float16
+    if not native:
+        dtype = torch.promote_types(torch.promote_types(dtype, running_var.dtype), torch.float32)
+    # the kernel reads mean/invstd in its accumulation dtype and N in the running dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    source = low if low.dtype == acc else stats.to(acc)  # (stats itself for float64)
+    counts = source[2 * channels:]
+    if counts.dtype != dtype:
+        counts = counts.to(dtype)
     guard = None if host else _wire.tail_matches(buffer, fields, world, 1 + 2 * channels, 2)
     skip = policy == _wire.POLICIES["skip"]
-    new = None if guard is None and not skip else torch.stack([running_mean, running_var])
+    direct = native and guard is None and not skip
+    new = None if direct else torch.stack([running_mean, running_var]).to(dtype)
     torch.batch_norm_gather_stats_with_counts(
-        x, low[:channels].view(1, channels), low[channels:2 * channels].view(1, channels),
+        x, source[:channels].view(1, channels), source[channels:2 * channels].view(1, channels),
         *((running_mean, running_var) if new is None else new), momentum, eps, counts)
     if new is None:
+        return
+    if guard is None and not skip:
+        running_mean.copy_(new[0])
+        running_var.copy_(new[1])
         return
     if guard is None:
         keep = torch.isfinite(new)  # skip, on the host path
@@ -213,8 +222,11 @@ def _update_running(geo: Geometry, x: Tensor, buffer: Tensor, world: int, fields
         keep = torch.isfinite(new) & guard
     else:
         keep = guard.expand(2)  # one decision for both (a view)
-    torch.where(keep[0], new[0], running_mean, out=running_mean)
-    torch.where(keep[1], new[1], running_var, out=running_var)
+    for take, value, running in zip(keep, new, (running_mean, running_var)):
+        if running.dtype == value.dtype:
+            torch.where(take, value, running, out=running)
+        else:  # (where's out= takes its result's dtype only)
+            running.copy_(torch.where(take, value, running))
 
 
 def backward_reduce(geo: Geometry, dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
