@@ -24,7 +24,7 @@ values near zero (``x - k`` is exact for data within a factor 2 of ``k``), and c
 rank's shifted moments into the raw moments of the wire format in float64: relative variance
 error ~1e-7 at mean/std 1e4 in float32. ``SYNCBN_KERNEL=cuda-welford`` skips the shift (one full
 pass and a float32 temporary fewer): torch's float32 Welford on the data itself, the numerics of
-``torch.nn.SyncBatchNorm``, ~1e-5 to ~1e-4 at mean/std 1e4 (``pytest -s tests/test_cuda.py -k
+``torch.nn.SyncBatchNorm``, ~1e-5 to ~5e-4 at mean/std 1e4 (``pytest -s tests/test_cuda.py -k
 numerics`` prints both, with CUDA's Welford emulated on CPU).
 
 On CUDA the header is checked by the core one pass late; until then a device-side check
