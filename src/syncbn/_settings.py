@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 __all__ = ["KERNELS", "NONFINITE", "SHM", "Settings", "current", "get", "reload"]
 
-KERNELS = ("auto", "fused", "aten", "triton")
+KERNELS = ("auto", "fused", "aten", "triton", "cuda", "cuda-welford")
 SHM = ("auto", "off")
 NONFINITE = ("propagate", "skip", "raise")
 _POLL_DEFAULT_US = 2000.0

@@ -28,6 +28,8 @@ the float64 sums are exact. The sentinel ones at both ends catch a partly reduce
 
 from __future__ import annotations
 
+import functools
+import math
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -39,9 +41,10 @@ from torch import Tensor
 __all__ = [
     "BACKWARD", "CAUSES", "DIRECTIONS", "FIELDS", "FORWARD", "MIN_WIDTH", "MISMATCH",
     "NONFINITE", "NO_MEMORY", "OK", "POLICIES", "WIDEN", "LayerTag", "NonFiniteError",
-    "OutOfStepError", "SyncBatchNormError", "describe_key", "fields", "header", "header_matches",
-    "header_ok", "length", "mismatch_error", "pack", "parts", "payload", "settings_buffer",
-    "settings_problem", "settings_values", "width_for",
+    "OutOfStepError", "SyncBatchNormError", "describe_key", "fields", "frame", "header",
+    "header_matches", "header_ok", "header_on", "length", "mismatch_error", "pack", "parts",
+    "payload", "settings_buffer", "settings_problem", "settings_values", "tail_matches",
+    "width_for",
 ]
 
 
@@ -149,14 +152,57 @@ def pack(payload: Tensor, fields: list[int], size: int) -> Tensor:
 
 def parts(payload: Tensor, fields: list[int], size: int) -> list[Tensor]:
     """The pieces of :func:`pack`'s buffer, for ``torch.cat(..., out=buffer)``."""
-    head = torch.tensor([1.0] + [float(v) for f in fields for v in (f, f * f)] + [1.0],
-                        dtype=torch.float64)
-    if payload.device.type == "cuda":  # an asynchronous copy: the host does not wait
-        head = head.pin_memory().to(payload.device, non_blocking=True)
-    elif payload.device.type != "cpu":
-        head = head.to(payload.device)
+    head = header_on(payload.device, fields)
     padding = payload.new_zeros(size - payload.numel() - head.numel())
     return [head[:1], payload, padding, head[1:]]  # 1, payload + padding, 2 * fields, 1 -> size
+
+
+# Per-pass numbers reach the device without a host-to-device copy: each buffer is written from a
+# template cached on the device, whose NaN (the count) and +inf/-inf (the pass number and its
+# square) one ``torch.nan_to_num`` replaces with Python numbers. Under CUDA-graph capture those
+# numbers are frozen at capture, like every Python argument.
+_PASS = FIELDS.index("pass")
+_COUNT_LIMIT = 2.0**53  # counts are integers below this (exact in float64)
+
+
+def _values(size: int, fields: tuple[int | None, ...], count_at: int | None) -> list[float]:
+    """``[1 | 0... | (f, f*f) per field | 1]`` with the pass pair as (+inf, -inf) and a NaN at
+    ``count_at``."""
+    values = [0.0] * size
+    values[0] = values[-1] = 1.0
+    head = size - 1 - 2 * len(FIELDS)
+    for i, f in enumerate(fields):
+        values[head + 2 * i: head + 2 * i + 2] = ((math.inf, -math.inf) if f is None
+                                                   else (float(f), float(f * f)))
+    if count_at is not None:
+        values[count_at] = math.nan
+    return values
+
+
+def _passless(fields: list[int]) -> tuple[int | None, ...]:
+    return tuple(None if i == _PASS else int(f) for i, f in enumerate(fields))
+
+
+@functools.lru_cache(maxsize=4096)
+def _template(device: torch.device, size: int, fields: tuple[int | None, ...],
+              count_at: int | None) -> Tensor:
+    # one host-to-device copy per (device, length, layer, direction): never per pass
+    return torch.tensor(_values(size, fields, count_at), dtype=torch.float64).to(device)
+
+
+def frame(buffer: Tensor, fields: list[int], count_at: int | None = None, count: int = 0) -> Tensor:
+    """Write ``[1 | 0... | (f, f*f) per field | 1]`` over the whole float64 ``buffer``, and
+    ``count`` at ``count_at`` when given: one device op (``nan_to_num`` of a cached template),
+    no host-to-device copy. The caller then writes the payload sums over the zeros."""
+    p = fields[_PASS]
+    template = _template(buffer.device, buffer.numel(), _passless(fields), count_at)
+    return torch.nan_to_num(template, nan=float(count), posinf=float(p), neginf=float(p * p),
+                            out=buffer)
+
+
+def header_on(device: torch.device, fields: list[int]) -> Tensor:
+    """``[1 | (f, f*f) per field | 1]`` on ``device`` (a new tensor, one device op)."""
+    return frame(torch.empty(2 * len(FIELDS) + 2, dtype=torch.float64, device=device), fields)
 
 
 def payload(buffer: Tensor, numbers: int) -> Tensor:
@@ -170,9 +216,32 @@ def header(buffer: Tensor) -> Tensor:
 
 
 def header_matches(buffer: Tensor, fields: list[int], world: int) -> Tensor:
-    """:func:`header_ok` as a boolean tensor on the buffer's device (no host read)."""
-    expected = pack(buffer.new_zeros(0), fields, 2 * len(fields) + 2) * world
-    return (header(buffer) == expected).all()
+    """:func:`header_ok` as a boolean tensor on the buffer's device (no host read, no
+    host-to-device copy)."""
+    return (header(buffer) == header_on(buffer.device, fields) * world).all()
+
+
+@functools.lru_cache(maxsize=4096)
+def _bounds(device: torch.device, size: int, fields: tuple[int | None, ...], world: int,
+            count_at: int, min_count: int) -> Tensor:
+    tail = [v * world for v in _values(size, fields, count_at)[count_at:]]
+    low, high = list(tail), list(tail)
+    low[0], high[0] = float(min_count), _COUNT_LIMIT  # in place of the NaN
+    return torch.tensor([low, high], dtype=torch.float64).to(device)
+
+
+def tail_matches(buffer: Tensor, fields: list[int], world: int, count_at: int,
+                 min_count: int) -> Tensor:
+    """A boolean tensor on the buffer's device, in four device ops: every one of ``world``
+    ranks sent these ``fields`` (as :func:`header_matches`, but for the first sentinel), the
+    padding is zero and the count at ``count_at`` (just before the padding) is at least
+    ``min_count``. The lean CUDA backend's guard on the running statistics; the core checks
+    the whole header on the host, one pass late."""
+    p = fields[_PASS]
+    bounds = _bounds(buffer.device, buffer.numel(), _passless(fields), world, count_at, min_count)
+    low, high = torch.nan_to_num(bounds, posinf=float(world * p), neginf=float(world * p * p))
+    tail = buffer[count_at:]  # count, padding, header, last sentinel
+    return (torch.clamp(tail, low, high) == tail).all()
 
 
 def header_ok(buffer: Tensor, fields: list[int], world: int) -> bool:

@@ -10,16 +10,20 @@ backend       takes                                            module
 ``fused``     CPU float32/float64, contiguous/channels_last    :mod:`.fused` (C kernel)
 ``aten``      every input (any device, dtype, layout)          :mod:`.aten` (torch operators)
 ``triton``    CUDA tensors (CPU under ``TRITON_INTERPRET=1``)  :mod:`.triton`
+``cuda``      CUDA tensors (CPU where torch's SyncBatchNorm    :mod:`.cuda` (torch's SyncBN
+              operators have CPU kernels: tests' stand-ins)    kernels + small float64 ops)
 ============  ===============================================  ==============================
 
 Per-channel tensors (weight, bias, running statistics) may each have their own floating dtype,
-whatever the input's (``model.half()``, autocast, a float32 layer fed float64): ``aten`` and
-``triton`` take every combination, ``fused`` float32/float64 ones (the others go to ``aten``).
+whatever the input's (``model.half()``, autocast, a float32 layer fed float64): ``aten``,
+``triton`` and ``cuda`` take every combination, ``fused`` float32/float64 ones (the others go to
+``aten``).
 Statistics are kept in float32 or better; each tensor keeps its dtype, the output the input's.
 
-``SYNCBN_KERNEL`` (read here, and only here) names one; ``auto``, the default, takes ``fused``
-where it applies and ``aten`` elsewhere. Every backend is a module with the functions of
-:class:`Backend`.
+``SYNCBN_KERNEL`` (read here, and only here) names one (``cuda-welford``: the ``cuda`` backend
+without its shift, torch's numerics); ``auto``, the default, takes ``fused`` where it applies
+and ``aten`` elsewhere (on CUDA too, until a GPU run has measured the others). Every backend is
+a module with the functions of :class:`Backend`.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from .. import _settings
-from . import aten, fused, triton
+from . import aten, cuda, fused, triton
 
-__all__ = ["Backend", "BackendUnavailable", "aten", "describe", "fused", "select", "triton"]
+__all__ = ["Backend", "BackendUnavailable", "aten", "cuda", "describe", "fused", "select",
+           "triton"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -84,10 +89,20 @@ def select(input: Tensor, *params: Tensor | None) -> tuple[Backend, Any]:
 
     ``SYNCBN_KERNEL``: ``auto`` (fused where it applies and builds, else aten), ``fused`` (an
     error where the kernel cannot be built; aten for inputs it does not take), ``aten``,
-    ``triton`` (an error where it cannot take the pass)."""
+    ``triton``, ``cuda``, ``cuda-welford`` (an error where they cannot take the pass)."""
     kernel = _settings.get().kernel
     if kernel == "aten":
         return aten, aten.applies(input, *params)
+    if kernel in ("cuda", "cuda-welford"):
+        lean = cuda.applies(input, *params, welford=kernel == "cuda-welford")
+        if lean is None:
+            raise BackendUnavailable(
+                f"syncbn: SYNCBN_KERNEL={kernel}, but the lean CUDA backend cannot take this "
+                f"pass (input {input.dtype} on {input.device}; it needs a float16/bfloat16/"
+                "float32/float64 CUDA tensor with per-channel tensors of those dtypes on its "
+                "device; CPU tensors only where torch's SyncBatchNorm operators have CPU "
+                "kernels, as in syncbn's tests)")
+        return cuda, lean
     if kernel == "triton":
         geo = triton.applies(input, *params)
         if geo is None:
