@@ -103,7 +103,7 @@ NEEDS = {"counts": 10, "timm": 30, "graphs": 25, "gloo": 60, "path_tests": 60}
 # A failure of these makes the exit status non-zero; the others measure.
 CORRECTNESS = ("env", "cuda_tests", "dataparallel", "gradients", "gloo", "graphs", "timm",
                "path_tests")
-PATHS = ("aten", "cuda", "triton")
+PATHS = ("aten", "cuda", "cuda-welford", "triton")
 LOG_LIMIT = 12 << 20
 EPS = 1e-5
 VAR_TARGET = 1e-6  # numerics: relative running_var error at mean/std = 1e4
