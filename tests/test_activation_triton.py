@@ -83,7 +83,8 @@ _COMPILE = textwrap.dedent("""
         fields = [1, 2, 3, 4, 5, 0]
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             param = torch.float64 if dtype == torch.float64 else torch.float32
-            for act, p in ((_stats.RELU, 0.0), (_stats.LEAKY_RELU, 0.01), (_stats.ELU, 1.0)):
+            for act, p in ((_stats.IDENTITY, 0.0), (_stats.RELU, 0.0), (_stats.LEAKY_RELU, 0.01),
+                           (_stats.ELU, 1.0)):
                 for inplace in (False, True):
                     if inplace and act == _stats.RELU:
                         continue
@@ -113,8 +114,9 @@ _COMPILE = textwrap.dedent("""
 
 @pytest.mark.timeout(600)
 def test_activated_launches_compile_for_the_gpu():
-    """The interpreter accepts programs the compiler refuses: every activated launch (each
-    kind, from x and from the output) compiles for sm_90 (PTX and cubin; no GPU needed)."""
+    """The interpreter accepts programs the compiler refuses: every launch of the activated
+    steps (each kind, identity included, from x and from the output) compiles for sm_90 (PTX
+    and cubin; no GPU needed)"""
     tests = os.path.dirname(__file__)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, *sys.path])}
     env.pop("TRITON_INTERPRET", None)
