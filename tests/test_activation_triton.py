@@ -116,7 +116,7 @@ _COMPILE = textwrap.dedent("""
 def test_activated_launches_compile_for_the_gpu():
     """The interpreter accepts programs the compiler refuses: every launch of the activated
     steps (each kind, identity included, from x and from the output) compiles for sm_90 (PTX
-    and cubin; no GPU needed)"""
+    and cubin; no GPU needed)."""
     tests = os.path.dirname(__file__)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, *sys.path])}
     env.pop("TRITON_INTERPRET", None)
