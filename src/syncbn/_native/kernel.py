@@ -14,7 +14,7 @@ used by ``syncbn._shm``), whichever backend computes.
 The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
 ``~/.cache/syncbn`` (``<tmp>/syncbn-<uid>`` when that is not writable); a kernel is loaded only
 from a directory and files nobody else can write, after checking its sha256 (``cache.py``). The
-compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with ``-O3 -march=native -fopenmp`` (retried
+compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with ``-O3 -fno-trapping-math -march=native -fopenmp`` (retried
 without ``-march=native``, then without OpenMP, if the compiler refuses them). The library
 file's name is a hash of the sources, flags and machine (CPU, architecture, C library), not of
 the compiler: a cache shared by different machines keeps one build per kind of machine, and a

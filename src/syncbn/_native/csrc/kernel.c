@@ -1,6 +1,6 @@
 /* syncbn's fused CPU kernels: the full-size passes of synchronized batch norm, one pass each.
  *
- * Built on first use by syncbn/_kernel.py (cc -O3 -march=native -fopenmp, cached) and called
+ * Built on first use by syncbn/_kernel.py (cc -O3 -fno-trapping-math -march=native -fopenmp, cached) and called
  * through ctypes; there is no dependency on torch's headers. When it cannot be built, syncbn uses
  * its plain ATen path (identical results up to float rounding).
  *
