@@ -17,7 +17,8 @@ import syncbn.parallel
 OUT = Path(__file__).with_name("api.md")
 ENTRIES = [
     ("syncbn", ["SyncBatchNorm", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
-                "BatchNormNd", "convert_sync_batchnorm", "revert_sync_batchnorm", "DataParallel"]),
+                "BatchNormNd", "BatchNormAct", "convert_sync_batchnorm", "revert_sync_batchnorm",
+                "DataParallel"]),
     ("syncbn.functional", ["sync_batch_norm"]),
     ("syncbn.parallel", ["replica_devices"]),
 ]

@@ -25,7 +25,7 @@ def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_quick_bench_writes_all_sections(tmp_path: Path) -> None:
     proc = _bench("--quick", "--out", str(tmp_path), "--shapes", "2x64x28x28,16x128,cl:2x32x14x14",
                   "--iters", "3", "--warmup", "1", "--e2e-input", "2x3x16x16", "--e2e-steps", "2",
-                  "--device", "cpu", "--threads", "1")
+                  "--device", "cpu", "--threads", "1", "--no-act")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for title in ("1. Per layer", "2. End to end", "3. Memory"):
         assert title in proc.stdout
@@ -90,6 +90,46 @@ def test_quick_bench_writes_all_sections(tmp_path: Path) -> None:
     assert step[0]["syncbn/BN"] == f"{e2e['step_ratio']:.3f}"
     memory = read_table(proc.stdout, "rank")
     assert [c["rank"] for c in memory] == ["0", "1"]
+
+
+@pytest.mark.timeout(150)
+def test_activated_section_at_a_tiny_size(tmp_path: Path) -> None:
+    """Section 4 alone: its table shows the JSON's numbers; the fused and in-place variants
+    compute the same loss, and the unfused one too once the layers honour the activation."""
+    proc = _bench("--quick", "--no-layers", "--no-e2e", "--out", str(tmp_path), "--warmup", "1",
+                  "--e2e-input", "2x3x8x8", "--e2e-steps", "2", "--device", "cpu", "--threads",
+                  "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4. Activated layers" in proc.stdout and "1. Per layer" not in proc.stdout
+    act = json.loads((tmp_path / "syncbn-bench.json").read_text())["act"]
+    approx = pytest.approx
+    slowest = {v: max(r["step_median_ms"] for r in act[v]) for v in ("unfused", "fused",
+                                                                       "inplace")}
+    saved = {v: max(r["saved_for_backward_bytes"] for r in act[v]) for v in slowest}
+    for variant in ("unfused", "fused", "inplace"):
+        assert [r["rank"] for r in act[variant]] == [0, 1]
+        for r in act[variant]:
+            assert r["variant"] == variant and r["steps"] == 2
+            assert r["step_min_ms"] <= r["step_median_ms"] and r["saved_for_backward_bytes"] > 0
+            assert 0 <= r["peak_growth_bytes"] <= r["peak_bytes"]
+            assert set(r["honoured"]) == {"activation", "inplace"}
+        if variant != "unfused":
+            assert act[f"{variant}_step_ratio"] == approx(slowest[variant] / slowest["unfused"])
+            assert act[f"{variant}_saved_ratio"] == approx(saved[variant] / saved["unfused"])
+    # the same weights and input: the same first loss on every rank pair of variants
+    assert act["fused"][0]["first_loss"] == approx(act["inplace"][0]["first_loss"], rel=1e-5)
+    if act["honoured"]:
+        assert act["unfused"][0]["first_loss"] == approx(act["fused"][0]["first_loss"],
+                                                         rel=1e-5)
+        assert saved["inplace"] < saved["fused"] < saved["unfused"]
+    else:
+        assert "do not honour activation/inplace yet" in proc.stdout
+    rows = read_table(proc.stdout, "variant")
+    assert [r["variant"] for r in rows] == ["unfused", "fused", "inplace"]
+    assert rows[0]["honoured"] == "-" and rows[0]["step/unfused"] == "1.000"
+    assert rows[2]["step ms"] == f"{slowest['inplace']:.1f}"
+    assert rows[2]["saved/unfused"] == f"{act['inplace_saved_ratio']:.3f}"
+    assert rows[2]["honoured"] == ("yes" if act["honoured"] else "NO")
 
 
 @pytest.mark.timeout(60)

@@ -8,13 +8,21 @@
 
 from . import functional, parallel
 from ._wire import NonFiniteError, OutOfStepError, SyncBatchNormError
-from .batchnorm import BatchNormNd, SyncBatchNorm, SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d
+from .batchnorm import (
+    BatchNormAct,
+    BatchNormNd,
+    SyncBatchNorm,
+    SyncBatchNorm1d,
+    SyncBatchNorm2d,
+    SyncBatchNorm3d,
+)
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
 from .parallel import DataParallel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormAct",
     "BatchNormNd",
     "DataParallel",
     "NonFiniteError",

@@ -14,19 +14,42 @@ float64, on C numbers only, so that ranks with different shifts can simply be ad
 the collective. The only cancellation left is ``sum(x**2)/n - mean**2`` in float64, whose relative
 error is about ``1e-16 * (mean/std)**2``: below the quantization of float32 data for any ratio,
 and 1e-8 at ``mean/std = 1e4`` for float64 data.
+
+Activation. A layer may apply ``y = act(z)`` to its affine output ``z = xhat * weight + bias``
+inside the same pass: ``identity``, ``relu``, ``leaky_relu`` (negative slope ``p``), ``elu``
+(``alpha = p``). The backward needs ``dz = dy * act'(z)``; an in-place layer keeps only ``y``
+and recovers ``z = act^-1(y)`` and ``xhat = (z - bias) / weight`` from it (invertible kinds
+only: identity, leaky_relu with ``p > 0``, elu with ``p > 0``; :func:`inplace_invertible`
+says when the weights allow it). The functions below are the reference the kernels follow.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ACTIVATIONS",
+    "ELU",
+    "IDENTITY",
+    "INPLACE_MAX_COND",
+    "LEAKY_RELU",
+    "RELU",
     "acc_dtype",
+    "act_grad",
+    "act_grad_from_output",
+    "act_inverse",
+    "activate",
+    "activation_code",
     "backward_reduce",
+    "batch_norm_act",
     "channel_view",
     "global_mean_var",
     "grad_input",
+    "inplace_invertible",
     "local_moments",
     "normalize",
     "reduction_dims",
@@ -211,3 +234,177 @@ def grad_input(
     out = torch.addcmul(channel_view(c, input), centered, channel_view(b, input))
     out.addcmul_(grad_out, channel_view(a, input))
     return out.to(input.dtype)
+
+
+# ------------------------------------------------------------------------------- activation
+# Kinds, as the backends take them (csrc/kernel_body.h: ACT_IDENTITY ...).
+IDENTITY, RELU, LEAKY_RELU, ELU = 0, 1, 2, 3
+ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU}
+_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+# An in-place pass inverts ``xhat = (z - bias) / weight``: the error of ``z`` (rounded to the
+# data dtype) grows by ``(|bias| + tiny/eps) / |weight|``. Beyond this factor (or a weight of 0)
+# the pass keeps a copy of its input instead (see inplace_invertible and docs/how-it-works.md).
+INPLACE_MAX_COND = 32.0
+
+
+def activation_code(name: str, param: float, inplace: bool, who: str) -> int:
+    """The kind code (:data:`ACTIVATIONS`) of activation ``name`` with parameter ``param``,
+    checked: a ``ValueError`` naming ``who`` for an unknown name, a non-finite parameter, or
+    ``inplace`` with an activation whose input cannot be recovered from its output.
+
+    >>> activation_code("leaky_relu", 0.01, True, "SyncBatchNorm2d")
+    2
+    >>> activation_code("relu", 0.0, True, "SyncBatchNorm2d")
+    Traceback (most recent call last):
+    ...
+    ValueError: SyncBatchNorm2d: inplace=True needs an invertible activation (...), got relu:
+    relu maps every negative input to 0, so the backward cannot recover the input from ...
+    """
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"{who}: expected activation to be one of {', '.join(map(repr, ACTIVATIONS))}, "
+                         f"got {name!r}")
+    if isinstance(param, bool) or not isinstance(param, (int, float)) or not math.isfinite(param):
+        raise ValueError(f"{who}: expected activation_param to be a finite number, got {param!r}")
+    code = ACTIVATIONS[name]
+    if inplace:
+        why = None
+        if code == RELU:
+            why = "relu maps every negative input to 0"
+        elif code == LEAKY_RELU and param <= 0:
+            why = f"leaky_relu with slope {param:g} <= 0 is not one-to-one"
+        elif code == ELU and param <= 0:
+            why = f"elu with alpha {param:g} <= 0 is not one-to-one"
+        if why is not None:
+            raise ValueError(
+                f"{who}: inplace=True needs an invertible activation (identity, leaky_relu with "
+                f"a positive slope, elu with a positive alpha), got {name}: {why}, so the "
+                "backward cannot recover the input from the output; use inplace=False, or "
+                "leaky_relu with a small positive slope")
+    return code
+
+
+def activate(z: Tensor, act: int, param: float, inplace: bool = False) -> Tensor:
+    """``act(z)`` with torch's own operators (in place on ``z`` when ``inplace``).
+
+    >>> z = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)
+    >>> [activate(z, k, 0.5).tolist() for k in (IDENTITY, RELU, LEAKY_RELU)]
+    [[-2.0, 0.0, 3.0], [0.0, 0.0, 3.0], [-1.0, 0.0, 3.0]]
+    >>> round(activate(z, ELU, 0.5)[0].item(), 6)  # 0.5 * (exp(-2) - 1)
+    -0.432332
+    """
+    if act == RELU:
+        return F.relu(z, inplace=inplace)
+    if act == LEAKY_RELU:
+        return F.leaky_relu(z, param, inplace=inplace)
+    if act == ELU:
+        return F.elu(z, param, inplace=inplace)
+    return z
+
+
+def act_grad(z: Tensor, act: int, param: float) -> Tensor:
+    """``act'(z)`` at the pre-activation ``z`` (torch's convention at ``z = 0``: the left
+    derivative), in ``z``'s dtype.
+
+    >>> z = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)
+    >>> act_grad(z, LEAKY_RELU, 0.5).tolist(), act_grad(z, RELU, 0.0).tolist()
+    ([0.5, 0.5, 1.0], [0.0, 0.0, 1.0])
+    >>> [round(v, 6) for v in act_grad(z, ELU, 0.5).tolist()]  # 0.5 * exp(z) where z <= 0
+    [0.067668, 0.5, 1.0]
+    """
+    if act == IDENTITY:
+        return torch.ones_like(z)
+    positive = z > 0
+    if act == RELU:
+        return positive.to(z.dtype)
+    if act == LEAKY_RELU:
+        return torch.where(positive, 1.0, torch.full_like(z, param))
+    return torch.where(positive, 1.0, torch.exp(z) * param)
+
+
+def act_grad_from_output(y: Tensor, act: int, param: float) -> Tensor:
+    """``act'(z)`` from the output ``y = act(z)``, without ``z``: relu, and the invertible kinds
+    (leaky_relu and elu with ``param > 0``), where ``y > 0`` exactly when ``z > 0``; elu's
+    ``alpha * exp(z)`` is ``y + alpha``.
+
+    >>> y = torch.tensor([-1.0, 0.0, 3.0], dtype=torch.float64)
+    >>> act_grad_from_output(y, LEAKY_RELU, 0.5).tolist(), act_grad_from_output(y, ELU, 2.0).tolist()
+    ([0.5, 0.5, 1.0], [1.0, 2.0, 1.0])
+    """
+    if act == IDENTITY:
+        return torch.ones_like(y)
+    positive = y > 0
+    if act == RELU:
+        return positive.to(y.dtype)
+    if act == LEAKY_RELU:
+        return torch.where(positive, 1.0, torch.full_like(y, param))
+    return torch.where(positive, 1.0, y + param)
+
+
+def act_inverse(y: Tensor, act: int, param: float) -> Tensor:
+    """The pre-activation ``z`` with ``act(z) == y``, for the invertible kinds (identity,
+    leaky_relu and elu with ``param > 0``). elu's ``log1p(y / alpha)`` is clamped at the
+    largest number below ``-1`` of ``y``'s dtype: an output that rounded to ``-alpha`` gives
+    ``z = log(eps/2)`` (-16.6 in float32, -36.7 in float64), not ``-inf``.
+
+    >>> z = torch.tensor([-3.0, -0.5, 0.0, 2.0], dtype=torch.float64)
+    >>> [round(v, 12) for v in act_inverse(activate(z, ELU, 0.7), ELU, 0.7).tolist()]
+    [-3.0, -0.5, 0.0, 2.0]
+    >>> act_inverse(torch.tensor([-0.03, 2.0], dtype=torch.float64), LEAKY_RELU, 0.01).tolist()
+    [-3.0, 2.0]
+    >>> act_inverse(torch.tensor([-1.0]), ELU, 1.0).item()  # saturated: y rounded to -alpha
+    -16.635532...
+    """
+    if act == LEAKY_RELU:
+        return torch.where(y > 0, y, y / param)
+    if act == ELU:
+        lowest = -1.0 + torch.finfo(y.dtype).eps / 2
+        return torch.where(y > 0, y, torch.log1p((y / param).clamp_min(lowest)))
+    if act != IDENTITY:
+        raise ValueError(f"syncbn: the {_NAMES.get(act, act)} activation has no inverse")
+    return y
+
+
+def inplace_invertible(weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether an in-place pass on data of ``dtype`` can recover ``xhat = (z - bias) / weight``
+    from its output to about the data's precision: for every channel,
+    ``(|bias| + tiny/eps) / |weight| <= INPLACE_MAX_COND`` (``tiny/eps`` of ``dtype``: where
+    ``z`` stops being a normal number, 2**-4 for float16, ~1e-31 for float32). A weight of 0
+    never passes. A host read of ``C`` numbers (a device sync on GPU; the weights change only
+    at optimizer steps, so a caller may cache it by the tensors' ``_version``).
+
+    >>> w, b = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 3.0])
+    >>> inplace_invertible(w, b, torch.float32), inplace_invertible(w * 0, b, torch.float32)
+    (True, False)
+    >>> inplace_invertible(None, None, torch.float16)  # affine=False: weight 1, bias 0
+    True
+    """
+    if weight is None:
+        return True
+    info = torch.finfo(dtype)
+    floor = info.tiny / info.eps
+    w = weight.detach().double().abs()
+    b = bias.detach().double().abs() if bias is not None else torch.zeros_like(w)
+    return bool(((b + floor) <= INPLACE_MAX_COND * w).all())
+
+
+def batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                   weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float,
+                   eps: float, act: int, act_param: float) -> Tensor:
+    """``act(F.batch_norm(...))`` with torch's operators: an activated layer's unsynchronized
+    pass (eval mode, one rank) and its exported form.
+
+    The activation runs in place on batch norm's fresh output where torch's autograd can
+    differentiate it from its output (relu, leaky_relu with a slope >= 0, elu with alpha >= 0):
+    one tensor less than ``BatchNorm`` followed by an activation module, the same values. The
+    input is never overwritten (``F.batch_norm``'s backward reads it).
+
+    >>> x = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+    >>> y = batch_norm_act(x, None, None, None, None, True, 0.1, 1e-12, LEAKY_RELU, 0.1)
+    >>> [round(v, 9) for v in y.flatten().tolist()]
+    [-0.1, 1.0]
+    """
+    out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if act == IDENTITY:
+        return out
+    in_place = act == RELU or act_param >= 0
+    return activate(out, act, act_param, inplace=in_place)

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _pass, _replicas, _wire
+from . import _pass, _replicas, _stats, _wire
 from ._pass import check_input
 
 _creation_index = itertools.count(1)
 
 __all__ = [
+    "BatchNormAct",
     "BatchNormNd",
     "SyncBatchNorm",
     "SyncBatchNorm1d",
@@ -62,6 +63,17 @@ class SyncBatchNorm(_BatchNorm):
         track_running_stats: keep running mean/var (used in eval mode). Default: ``True``.
         process_group: synchronize over this group only. Default: ``None`` (the world).
         device, dtype: of the parameters and buffers.
+        activation: applied to the normalized output in the same pass: ``"identity"``,
+            ``"relu"``, ``"leaky_relu"`` or ``"elu"`` (keyword only). Default: ``"identity"``.
+        activation_param: leaky_relu's negative slope, elu's alpha (torch's ELU default is
+            1.0: pass it). Default: 0.01.
+        inplace: write the output over the input and keep only the output for the backward,
+            which recovers the normalized input by inverting the activation and the affine
+            transform (less memory: the input is not kept). Needs an invertible activation:
+            identity, leaky_relu with a positive slope, elu with a positive alpha (``relu`` is
+            a ``ValueError``). Autograd sees the write: the input must not be used again. A
+            pass whose weights make the inverse ill-conditioned (a weight at or near 0) keeps
+            a copy of its input instead (docs/how-it-works.md). Default: ``False``.
 
     Shape:
         - Input: ``(N, C, *)``, float16/bfloat16/float32/float64 (half inputs with float32
@@ -78,6 +90,12 @@ class SyncBatchNorm(_BatchNorm):
 
     _name: str | None = None
     _model: int = 0  # which conversion named it (syncbn.convert_sync_batchnorm counts them)
+    # What a layer pickled before activations existed loads with (no new buffers: state_dicts
+    # are unchanged either way).
+    activation: str = "identity"
+    activation_param: float = 0.01
+    inplace: bool = False
+    _act: int = _stats.IDENTITY
 
     def __init__(
         self,
@@ -89,10 +107,17 @@ class SyncBatchNorm(_BatchNorm):
         process_group: Any | None = None,
         device: Any = None,
         dtype: Any = None,
+        *,
+        activation: str = "identity",
+        activation_param: float = 0.01,
+        inplace: bool = False,
     ) -> None:
+        act = _stats.activation_code(activation, activation_param, inplace, type(self).__name__)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
+        self.activation, self.activation_param, self.inplace = activation, activation_param, inplace
+        self._act = act  # the kind code the backends take (syncbn._stats.ACTIVATIONS)
         self._creation_index = next(_creation_index)
         self._sync = _pass.LayerState(self._make_tag(), self._check)
         self._layer_id = _pass.layer_id(self._sync)
@@ -145,6 +170,9 @@ class SyncBatchNorm(_BatchNorm):
         self._sync = _pass.LayerState(tag or self._make_tag(), self._check)
         self._layer_id = _pass.layer_id(self._sync)
         self._group_id = _pass.group_id(self._process_group)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + _activation_repr(self)
 
     def layer_description(self) -> str:
         """How error messages name this layer: ``SyncBatchNorm2d(64) 'layer1.0.bn1'``, or with
@@ -326,3 +354,63 @@ class BatchNormNd(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+def _activation_repr(layer: Any) -> str:
+    """``, activation=leaky_relu, activation_param=0.01, inplace=True`` (nothing for identity
+    out of place: the repr of a plain layer does not change)."""
+    if layer.activation == "identity" and not layer.inplace:
+        return ""
+    text = f", activation={layer.activation}"
+    if layer.activation in ("leaky_relu", "elu"):
+        text += f", activation_param={layer.activation_param}"
+    return text + (", inplace=True" if layer.inplace else "")
+
+
+class BatchNormAct(_BatchNorm):
+    """Plain (unsynchronized) batch norm followed by an activation, for input of any dim >= 2.
+
+    What :func:`syncbn.revert_sync_batchnorm` turns an activated syncbn layer into: the same
+    parameters, buffers and ``state_dict`` keys, and a forward that is exactly
+    ``torch.nn.BatchNorm*d`` followed by ``F.relu`` / ``F.leaky_relu`` / ``F.elu`` (the
+    activation in place on batch norm's fresh output; the input is never overwritten), so it
+    exports with ``torch.export`` and ONNX. ``activation``, ``activation_param`` and
+    ``inplace`` are kept (``inplace`` only for the way back: converted again, the layer is
+    in-place again).
+
+    >>> import torch, syncbn
+    >>> bn = syncbn.BatchNormAct(3, activation="leaky_relu", activation_param=0.1).eval()
+    >>> bn(torch.full((2, 3, 4), -1.0)).flatten().unique().tolist()  # (-1 - 0) / 1 * 0.1
+    [-0.09999950230121613]
+    >>> bn
+    BatchNormAct(3, eps=1e-05, momentum=0.1, affine=True, ..., activation=leaky_relu, activation_param=0.1)
+    """
+
+    activation: str = "identity"
+    activation_param: float = 0.01
+    inplace: bool = False
+    _act: int = _stats.IDENTITY
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device: Any = None,
+                 dtype: Any = None, *, activation: str = "identity",
+                 activation_param: float = 0.01, inplace: bool = False) -> None:
+        act = _stats.activation_code(activation, activation_param, inplace, type(self).__name__)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype)
+        self.activation, self.activation_param, self.inplace = activation, activation_param, inplace
+        self._act = act
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = super().forward(input)  # torch's BatchNorm, bookkeeping included
+        if self._act == _stats.IDENTITY:
+            return out
+        in_place = self._act == _stats.RELU or self.activation_param >= 0  # autograd allows it
+        return _stats.activate(out, self._act, self.activation_param, inplace=in_place)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + _activation_repr(self)

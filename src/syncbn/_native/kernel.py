@@ -14,7 +14,7 @@ used by ``syncbn._shm``), whichever backend computes.
 The cache is ``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else
 ``~/.cache/syncbn`` (``<tmp>/syncbn-<uid>`` when that is not writable); a kernel is loaded only
 from a directory and files nobody else can write, after checking its sha256 (``cache.py``). The
-compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with ``-O3 -march=native -fopenmp`` (retried
+compiler is ``$CC``, else ``cc``/``gcc``/``clang``, with ``-O3 -fno-trapping-math -march=native -fopenmp`` (retried
 without ``-march=native``, then without OpenMP, if the compiler refuses them). The library
 file's name is a hash of the sources, flags and machine (CPU, architecture, C library), not of
 the compiler: a cache shared by different machines keeps one build per kind of machine, and a
@@ -48,8 +48,8 @@ __all__ = ["ARG_FORMATS", "CALLS", "KernelUnavailable", "build_info", "geometry"
 log = logging.getLogger("syncbn")
 
 _SOURCES = ("kernel.c", "kernel_body.h", "local.h", "wire.h")
-_VERSION = 8  # must match syncbn_kernel_version() in kernel.c
-_BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+_VERSION = 9  # must match syncbn_kernel_version() in kernel.c
+_BASE_FLAGS = ("-O3", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11")
 _OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 _lock = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "lib": None, "error": None, "seconds": None,
@@ -60,9 +60,9 @@ _state: dict[str, Any] = {"tried": False, "lib": None, "error": None, "seconds":
 # with these formats; they must match the structs in kernel.c (pointers as int64, 0 for NULL).
 ARG_FORMATS = {
     "forward_reduce": struct.Struct("<14q"),
-    "forward_apply": struct.Struct("<3d25q"),
-    "backward_reduce": struct.Struct("<21q"),
-    "backward_apply": struct.Struct("<d19q"),
+    "forward_apply": struct.Struct("<4d26q"),
+    "backward_reduce": struct.Struct("<d27q"),
+    "backward_apply": struct.Struct("<2d23q"),
     "local_allreduce": struct.Struct("<11q"),  # local.h: the shared-memory all_reduce
 }
 _RESTYPES = {"forward_reduce": ctypes.c_int, "forward_apply": ctypes.c_int,

@@ -52,6 +52,16 @@ class Backend(Protocol):
     ``stats`` is ``[mean (C) | invstd (C) | count (1)]`` in float64, whichever backend made it.
     ``status``: a device int32 word a backend with ``STATUS_WORD = True`` writes its code to
     (no host sync); the others return it.
+
+    Activated layers (keyword-only, with defaults that are the plain steps): ``act`` (a
+    ``syncbn._stats`` kind: IDENTITY, RELU, LEAKY_RELU, ELU) and ``act_param`` (leaky_relu's
+    slope, elu's alpha) make the forward write ``act(z)``, ``z = xhat * weight + bias``, and
+    the backward use ``dz = dy * act'(z)`` in place of ``dy`` (the buffer's layout does not
+    change: ``sum(dz)``, ``sum(dz * xhat)``). ``out``: the forward writes there (``x`` itself
+    for an in-place layer). ``saved_output``: the backward recovers ``z = act^-1(y)`` and
+    ``xhat = (z - bias) / weight`` from the output alone and does not read ``x`` (which may be
+    None): invertible kinds only, and weights that ``_stats.inplace_invertible`` accepts.
+    Without it, ``x`` is read and ``z`` recomputed from it (``weight`` and ``bias`` needed).
     """
 
     NAME: str
@@ -67,20 +77,25 @@ class Backend(Protocol):
     def forward_apply(self, geo: Any, x: Tensor, buffer: Tensor, world: int, fields: list[int],
                       weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                       running_var: Tensor | None, eps: float, momentum: float, policy: int,
-                      status: Tensor | None) -> tuple[Tensor | None, Tensor | None, int]:
-        """Header check, global mean/invstd, running statistics, normalize: ``(out, stats,
-        code)``."""
+                      status: Tensor | None = None, *, act: int = 0, act_param: float = 0.0,
+                      out: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, int]:
+        """Header check, global mean/invstd, running statistics, normalize and activate:
+        ``(out, stats, code)``."""
 
-    def backward_reduce(self, geo: Any, dy: Tensor, x: Tensor, stats: Tensor,
+    def backward_reduce(self, geo: Any, dy: Tensor, x: Tensor | None, stats: Tensor,
                         buffer: Tensor | None, fields: list[int],
-                        weight_dtype: Any, bias_dtype: Any,
+                        weight_dtype: Any, bias_dtype: Any, *, act: int = 0,
+                        act_param: float = 0.0, saved_output: Tensor | None = None,
+                        weight: Tensor | None = None, bias: Tensor | None = None,
                         ) -> tuple[Tensor | None, Tensor | None, int]:
-        """Local sum(dy), sum(dy * xhat) into ``buffer`` (when given); ``(grad_weight,
+        """Local sum(dz), sum(dz * xhat) into ``buffer`` (when given); ``(grad_weight,
         grad_bias, code)``, this rank's share."""
 
-    def backward_apply(self, geo: Any, dy: Tensor, x: Tensor, stats: Tensor,
+    def backward_apply(self, geo: Any, dy: Tensor, x: Tensor | None, stats: Tensor,
                        weight: Tensor | None, buffer: Tensor, world: int, fields: list[int],
-                       status: Tensor | None) -> tuple[Tensor | None, int]:
+                       status: Tensor | None = None, *, act: int = 0, act_param: float = 0.0,
+                       saved_output: Tensor | None = None, bias: Tensor | None = None,
+                       ) -> tuple[Tensor | None, int]:
         """Header check, grad_input from the global sums: ``(grad_input, code)``."""
 
 

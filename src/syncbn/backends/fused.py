@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _wire
+from .. import _stats, _wire
 from .._native import kernel as _kernel
 
 __all__ = ["NAME", "STATUS_WORD", "applies", "backward_apply", "backward_reduce", "forward_apply",
@@ -49,55 +49,86 @@ def forward_reduce(geo: tuple[int, int, int, int], x: Tensor, buffer: Tensor,
         *fields))
 
 
+def _check_like(t: Tensor, x: Tensor, what: str) -> None:
+    """``t`` (an output to write, or a saved output to read) lies in memory as ``x`` does."""
+    if t.dtype != x.dtype or t.shape != x.shape or (t.numel() and t.stride() != x.stride()):
+        raise ValueError(f"syncbn fused backend: expected {what} of the input's dtype, shape and "
+                         f"strides ({x.dtype}, {tuple(x.shape)}, {x.stride()}), got {t.dtype}, "
+                         f"{tuple(t.shape)}, {t.stride()}")
+
+
+def _ptr(t: Tensor | None) -> tuple[int, int]:
+    """A per-channel tensor as the kernel takes it: (address, dtype code), (0, 0) for None."""
+    return (0, 0) if t is None else (t.data_ptr(), _CODE[t.dtype])
+
+
 def forward_apply(geo: tuple[int, int, int, int], x: Tensor, buffer: Tensor, world: int,
                   fields: list[int], weight: Tensor | None, bias: Tensor | None,
                   running_mean: Tensor | None, running_var: Tensor | None, eps: float,
-                  momentum: float, policy: int,
-                  status: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+                  momentum: float, policy: int, status: Tensor | None = None, *,
+                  act: int = _stats.IDENTITY, act_param: float = 0.0,
+                  out: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
     n, c, s, nsc = geo
     # Large tensors first, then the small ones that outlive them: freeing the large ones then
     # does not leave free memory at the top of the heap, which glibc would hand back to the OS
     # (and the next pass would page-fault on).
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
+    elif out is not x:
+        _check_like(out, x, "out")
     stats = torch.empty(2 * c + 1, dtype=torch.float64)  # mean (C), invstd (C), count (1)
-    rm, rv, w, b = running_mean, running_var, weight, bias
+    # y = act((x - mean) * invstd * w + b) in one pass, written over x when out is x
     code = _kernel.CALLS[x.dtype][1](_APPLY_FWD.pack(
-        float(world), eps, momentum, buffer.data_ptr(), buffer.numel(), *fields,
-        0 if rm is None else rm.data_ptr(), 0 if rm is None else _CODE[rm.dtype],
-        0 if rv is None else rv.data_ptr(), 0 if rv is None else _CODE[rv.dtype],
-        policy, stats.data_ptr(), x.data_ptr(), out.data_ptr(), n, c, s, nsc,
-        torch.get_num_threads(), 0 if w is None else w.data_ptr(),
-        0 if w is None else _CODE[w.dtype], 0 if b is None else b.data_ptr(),
-        0 if b is None else _CODE[b.dtype]))
+        float(world), eps, momentum, float(act_param), buffer.data_ptr(), buffer.numel(),
+        *fields, *_ptr(running_mean), *_ptr(running_var), policy, stats.data_ptr(),
+        x.data_ptr(), out.data_ptr(), n, c, s, nsc, torch.get_num_threads(), *_ptr(weight),
+        *_ptr(bias), int(act)))
     return out, stats, code
 
 
-def backward_reduce(geo: tuple[int, int, int, int], dy: Tensor, x: Tensor, stats: Tensor,
+def _source(x: Tensor | None, saved_output: Tensor | None) -> tuple[int, int, Tensor]:
+    """``(x address, y address, the tensor the geometry is of)``: the backward reads the saved
+    output when it is given (x then unread), else x."""
+    if saved_output is not None:
+        if x is not None:
+            _check_like(saved_output, x, "saved_output")
+        return 0, saved_output.data_ptr(), saved_output
+    if x is None:
+        raise ValueError("syncbn fused backend: the backward needs x or saved_output")
+    return x.data_ptr(), 0, x
+
+
+def backward_reduce(geo: tuple[int, int, int, int], dy: Tensor, x: Tensor | None, stats: Tensor,
                     buffer: Tensor | None, fields: list[int], weight_dtype: torch.dtype | None,
-                    bias_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None, int]:
+                    bias_dtype: torch.dtype | None, *, act: int = _stats.IDENTITY,
+                    act_param: float = 0.0, saved_output: Tensor | None = None,
+                    weight: Tensor | None = None, bias: Tensor | None = None,
+                    ) -> tuple[Tensor | None, Tensor | None, int]:
     n, c, s, nsc = geo  # dy: x's dtype and layout (the core makes it so)
+    xp, yp, ref = _source(x, saved_output)
     gw = torch.empty(c, dtype=weight_dtype) if weight_dtype is not None else None
     gb = torch.empty(c, dtype=bias_dtype) if bias_dtype is not None else None
     at, size = (buffer.data_ptr(), buffer.numel()) if buffer is not None else (0, 0)
     mean = stats.data_ptr()
-    # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> len(buffer); and the local
-    # weight/bias gradients (this rank's share: DDP or the user sums them over ranks)
-    code = _kernel.CALLS[x.dtype][2](_REDUCE_BWD.pack(
-        dy.data_ptr(), x.data_ptr(), n, c, s, nsc, torch.get_num_threads(), mean, mean + 8 * c,
-        at, size, *(fields if buffer is not None else _NO_FIELDS),
-        0 if gw is None else gw.data_ptr(), 0 if gw is None else _CODE[gw.dtype],
-        0 if gb is None else gb.data_ptr(), 0 if gb is None else _CODE[gb.dtype]))
+    # sum(dz) (C), sum(dz * xhat) (C) + padding + header -> len(buffer), dz = dy * act'(z);
+    # and the local weight/bias gradients (this rank's share: DDP or the user sums them)
+    code = _kernel.CALLS[ref.dtype][2](_REDUCE_BWD.pack(
+        float(act_param), dy.data_ptr(), xp, n, c, s, nsc, torch.get_num_threads(), mean,
+        mean + 8 * c, at, size, *(fields if buffer is not None else _NO_FIELDS), *_ptr(gw),
+        *_ptr(gb), int(act), yp, *_ptr(weight), *_ptr(bias)))
     return gw, gb, code
 
 
-def backward_apply(geo: tuple[int, int, int, int], dy: Tensor, x: Tensor, stats: Tensor,
+def backward_apply(geo: tuple[int, int, int, int], dy: Tensor, x: Tensor | None, stats: Tensor,
                    weight: Tensor | None, buffer: Tensor, world: int, fields: list[int],
-                   status: Tensor | None = None) -> tuple[Tensor, int]:
+                   status: Tensor | None = None, *, act: int = _stats.IDENTITY,
+                   act_param: float = 0.0, saved_output: Tensor | None = None,
+                   bias: Tensor | None = None) -> tuple[Tensor, int]:
     n, c, s, nsc = geo  # dy: x's dtype and layout (the core makes it so)
-    grad_in = torch.empty_like(x)
-    w = weight
-    code = _kernel.CALLS[x.dtype][3](_APPLY_BWD.pack(
-        float(world), buffer.data_ptr(), buffer.numel(), *fields, dy.data_ptr(), x.data_ptr(),
-        grad_in.data_ptr(), n, c, s, nsc, torch.get_num_threads(), stats.data_ptr(),
-        0 if w is None else w.data_ptr(), 0 if w is None else _CODE[w.dtype]))
+    xp, yp, ref = _source(x, saved_output)
+    grad_in = torch.empty_like(ref)
+    code = _kernel.CALLS[ref.dtype][3](_APPLY_BWD.pack(
+        float(world), float(act_param), buffer.data_ptr(), buffer.numel(), *fields,
+        dy.data_ptr(), xp, grad_in.data_ptr(), n, c, s, nsc, torch.get_num_threads(),
+        stats.data_ptr(), *_ptr(weight), int(act), yp, *_ptr(bias)))
     return grad_in, code

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _wire
+from .. import _stats, _wire
 
 __all__ = ["NAME", "STATUS_WORD", "applies", "backward_apply", "backward_reduce",
            "forward_apply", "forward_reduce", "launches"]
@@ -289,9 +289,12 @@ def _status_word(status: Tensor | None, device: torch.device) -> Tensor:
 def forward_apply(geo: Geometry, x: Tensor, buffer: Tensor, world: int, fields: list[int],
                   weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                   running_var: Tensor | None, eps: float, momentum: float, policy: int,
-                  status: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+                  status: Tensor | None = None, *, act: int = _stats.IDENTITY,
+                  act_param: float = 0.0, out: Tensor | None = None,
+                  ) -> tuple[Tensor, Tensor, int]:
     """From the reduced buffer, one launch: header check, ``stats = [mean | invstd | count]``
-    (float64, 2C+1), running statistics, ``out`` in x's dtype and memory format.
+    (float64, 2C+1), running statistics, ``out = act(normalized x)`` in x's dtype and memory
+    format (``out`` given: written there; it may be x itself).
 
     ``code`` is OK when ``status`` is given (the codes land in it, no host sync); without
     ``status`` a word is made here and its value returned (a host read: CPU callers)."""
@@ -300,11 +303,20 @@ def forward_apply(geo: Geometry, x: Tensor, buffer: Tensor, world: int, fields: 
     length = _check_buffer(buffer, channels, "forward_apply")
     f = _fields(fields)
     word = _status_word(status, x.device)
-    out = torch.empty_like(x)
-    out_flat = _flat_strides(out)
-    if out_flat is None:  # x has no dense layout to preserve: a contiguous output
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is not None:
         out_flat = _flat_strides(out)
+        if (out_flat is None or out.dtype != x.dtype or out.shape != x.shape
+                or out.device != x.device):
+            raise ValueError(
+                f"syncbn triton backend forward_apply: expected out of the input's dtype, "
+                f"shape and device with dims after C that collapse into one stride, got "
+                f"{out.dtype} {tuple(out.shape)} {out.stride()} on {out.device}")
+    else:
+        out = torch.empty_like(x)
+        out_flat = _flat_strides(out)
+        if out_flat is None:  # x has no dense layout to preserve: a contiguous output
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            out_flat = _flat_strides(out)
     linear = _linear(x, flat) and _linear(out, out_flat)
     stats = torch.empty(2 * channels + 1, dtype=torch.float64, device=x.device)
     plan = _plan(rows, channels, flat[2], x.device)
@@ -312,10 +324,10 @@ def forward_apply(geo: Geometry, x: Tensor, buffer: Tensor, world: int, fields: 
             _or(weight, buffer), _or(bias, buffer), _or(running_mean, buffer),
             _or(running_var, buffer), word, rows, channels, spatial, length,
             *_strides(x, flat, linear), *_strides(out, out_flat, linear), plan.tile_rows,
-            plan.n_cb, int(world), *f, float(eps), float(momentum),
+            plan.n_cb, int(world), *f, float(eps), float(momentum), float(act_param),
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_RM=running_mean is not None,
             HAS_RV=running_var is not None, POLICY=int(policy), LINEAR=linear,
-            ACC=_acc(x.dtype), BLOCK_M=plan.block_m, BLOCK_C=plan.block_c)
+            ACC=_acc(x.dtype), BLOCK_M=plan.block_m, BLOCK_C=plan.block_c, ACT=int(act))
     code = _wire.OK if status is not None else int(word.item())
     return out, stats, code
 
@@ -325,16 +337,37 @@ def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
     return dummy if t is None else t
 
 
-def backward_reduce(geo: Geometry, dy: Tensor, x: Tensor, stats: Tensor, buffer: Tensor | None,
-                    fields: list[int], grad_weight_dtype: torch.dtype | None,
-                    grad_bias_dtype: torch.dtype | None,
+def _lowest(dtype: torch.dtype) -> float:
+    """The smallest number above -1 in the element math's dtype (elu's inverse clamps there)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return -1.0 + torch.finfo(acc).eps / 2
+
+
+def _source(x: Tensor | None, saved_output: Tensor | None,
+            ) -> tuple[Tensor, tuple[int, int, int, int] | None]:
+    """The tensor the backward reads (the saved output when given: x is then not read) and its
+    flat strides."""
+    src = saved_output if saved_output is not None else x
+    if src is None:
+        raise ValueError("syncbn triton backend: the backward needs x or saved_output")
+    return src, _flat_strides(src)
+
+
+def backward_reduce(geo: Geometry, dy: Tensor, x: Tensor | None, stats: Tensor,
+                    buffer: Tensor | None, fields: list[int],
+                    grad_weight_dtype: torch.dtype | None, grad_bias_dtype: torch.dtype | None,
+                    *, act: int = _stats.IDENTITY, act_param: float = 0.0,
+                    saved_output: Tensor | None = None, weight: Tensor | None = None,
+                    bias: Tensor | None = None,
                     ) -> tuple[Tensor | None, Tensor | None, int]:
-    """Local ``grad_weight = sum(dy * xhat)`` and ``grad_bias = sum(dy)`` (this rank's share,
-    in the given dtypes, None when not asked for) and, when ``buffer`` is given, the whole
-    backward buffer ``[1 | sum(dy) (C) | sum(dy * xhat) (C) | zeros | header | 1]``
-    (2 launches; none when nothing is asked for)."""
+    """Local ``grad_weight = sum(dz * xhat)`` and ``grad_bias = sum(dz)`` (this rank's share,
+    in the given dtypes, None when not asked for), ``dz = dy * act'(z)``, and, when ``buffer``
+    is given, the whole backward buffer ``[1 | sum(dz) (C) | sum(dz * xhat) (C) | zeros |
+    header | 1]`` (2 launches; none when nothing is asked for). ``saved_output``: ``z`` and
+    ``xhat`` from the output alone (x not read); else from x."""
     channels, rows, spatial, flat = geo
-    device = x.device
+    src, src_flat = _source(x, saved_output)
+    device = src.device
     grad_weight = (None if grad_weight_dtype is None
                    else torch.empty(channels, dtype=grad_weight_dtype, device=device))
     grad_bias = (None if grad_bias_dtype is None
@@ -344,46 +377,59 @@ def backward_reduce(geo: Geometry, dy: Tensor, x: Tensor, stats: Tensor, buffer:
     kernels = _kernels()
     length = 0 if buffer is None else _check_buffer(buffer, channels, "backward_reduce")
     f = _fields(fields) if buffer is not None else [0] * NUM_FIELDS
-    dy, dy_flat = _like(dy, x)
-    linear = _linear(x, flat) and _linear(dy, dy_flat)
+    if src_flat is None:
+        raise ValueError("syncbn triton backend: the saved output has no dense layout")
+    dy, dy_flat = _like(dy, src)
+    linear = _linear(src, src_flat) and _linear(dy, dy_flat)
     plan = _plan(rows, channels, flat[2], device)
     part = torch.empty((2, plan.tiles, channels), dtype=torch.float64, device=device)
-    _launch(kernels.bwd_tile, plan.grid, dy, x, stats, part, rows, channels, spatial,
-            *_strides(dy, dy_flat, linear), *_strides(x, flat, linear), plan.tile_rows,
-            plan.n_cb, LINEAR=linear, ACC=_acc(x.dtype), BLOCK_M=plan.block_m,
-            BLOCK_C=plan.block_c)
+    from_y = saved_output is not None
+    _launch(kernels.bwd_tile, plan.grid, dy, src, stats, _or(weight, stats), _or(bias, stats),
+            part, rows, channels, spatial, *_strides(dy, dy_flat, linear),
+            *_strides(src, src_flat, linear), plan.tile_rows, plan.n_cb, float(act_param),
+            _lowest(src.dtype), LINEAR=linear, ACC=_acc(src.dtype), BLOCK_M=plan.block_m,
+            BLOCK_C=plan.block_c, ACT=int(act), FROM_Y=from_y, HAS_W=weight is not None,
+            HAS_B=bias is not None)
     block_c, block_t, programs = _pack_sizes(channels, plan.tiles)
     _launch(kernels.bwd_pack, (programs,), part, stats, _or(buffer, stats),
             _or(grad_weight, stats), _or(grad_bias, stats), plan.tiles, channels, rows, length, *f,
             HAS_BUF=buffer is not None, HAS_GW=grad_weight is not None,
             HAS_GB=grad_bias is not None, BLOCK_C=block_c, BLOCK_T=block_t,
-            BLOCK_Z=tuning.block_z)
+            BLOCK_Z=tuning.block_z, XHAT=from_y)
     return grad_weight, grad_bias, _wire.OK
 
 
-def backward_apply(geo: Geometry, dy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None,
-                   buffer: Tensor, world: int, fields: list[int],
-                   status: Tensor | None = None) -> tuple[Tensor, int]:
+def backward_apply(geo: Geometry, dy: Tensor, x: Tensor | None, stats: Tensor,
+                   weight: Tensor | None, buffer: Tensor, world: int, fields: list[int],
+                   status: Tensor | None = None, *, act: int = _stats.IDENTITY,
+                   act_param: float = 0.0, saved_output: Tensor | None = None,
+                   bias: Tensor | None = None) -> tuple[Tensor, int]:
     """From the reduced backward buffer, one launch: header check, then
-    ``grad_input = w*invstd*(dy - S_dy/n - xhat*S_dyxhat/n)`` mean-first, in x's dtype and
-    memory format. ``code`` as in :func:`forward_apply`."""
+    ``grad_input = w*invstd*(dz - S_dz/n - xhat*S_dzxhat/n)`` (mean-first from x; from the
+    output alone with ``saved_output``), in the input's dtype and memory format. ``code`` as
+    in :func:`forward_apply`."""
     kernels = _kernels()
     channels, rows, spatial, flat = geo
     length = _check_buffer(buffer, channels, "backward_apply")
     f = _fields(fields)
-    word = _status_word(status, x.device)
-    dy, dy_flat = _like(dy, x)
-    grad_in = torch.empty_like(x)
+    src, src_flat = _source(x, saved_output)
+    if src_flat is None:
+        raise ValueError("syncbn triton backend: the saved output has no dense layout")
+    word = _status_word(status, src.device)
+    dy, dy_flat = _like(dy, src)
+    grad_in = torch.empty_like(src)
     g_flat = _flat_strides(grad_in)
     if g_flat is None:
-        grad_in = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        grad_in = torch.empty(src.shape, dtype=src.dtype, device=src.device)
         g_flat = _flat_strides(grad_in)
-    linear = _linear(x, flat) and _linear(dy, dy_flat) and _linear(grad_in, g_flat)
-    plan = _plan(rows, channels, flat[2], x.device)
-    _launch(kernels.bwd_apply, plan.grid, dy, x, grad_in, stats, _or(weight, stats), buffer,
-            word, rows, channels, spatial, length, *_strides(dy, dy_flat, linear),
-            *_strides(x, flat, linear), *_strides(grad_in, g_flat, linear), plan.tile_rows,
-            plan.n_cb, int(world), *f, HAS_W=weight is not None, LINEAR=linear,
-            ACC=_acc(x.dtype), BLOCK_M=plan.block_m, BLOCK_C=plan.block_c)
+    linear = _linear(src, src_flat) and _linear(dy, dy_flat) and _linear(grad_in, g_flat)
+    plan = _plan(rows, channels, flat[2], src.device)
+    _launch(kernels.bwd_apply, plan.grid, dy, src, grad_in, stats, _or(weight, stats),
+            _or(bias, stats), buffer, word, rows, channels, spatial, length,
+            *_strides(dy, dy_flat, linear), *_strides(src, src_flat, linear),
+            *_strides(grad_in, g_flat, linear), plan.tile_rows, plan.n_cb, int(world), *f,
+            float(act_param), _lowest(src.dtype), HAS_W=weight is not None, LINEAR=linear,
+            ACC=_acc(src.dtype), BLOCK_M=plan.block_m, BLOCK_C=plan.block_c, ACT=int(act),
+            FROM_Y=saved_output is not None, HAS_B=bias is not None)
     code = _wire.OK if status is not None else int(word.item())
     return grad_in, code

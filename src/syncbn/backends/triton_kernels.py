@@ -174,6 +174,75 @@ def _narrow(v, ptr):
     return v.to(ptr.dtype.element_ty)
 
 
+def _expm1(z):
+    """``exp(z) - 1`` accurate near 0 (Kahan: ``(u - 1) * z / log(u)``, ``u = exp(z)``)."""
+    u = tl.exp(z)
+    um1 = u - 1.0
+    safe = tl.where((um1 == 0.0) | (um1 == -1.0), 1.0, um1)
+    ratio = safe * z / tl.log(tl.where(um1 == 0.0, 2.0, u))
+    return tl.where(um1 == 0.0, z, tl.where(um1 == -1.0, -1.0, ratio))
+
+
+@_jit()
+def _log1p(t):
+    """``log(1 + t)`` accurate near 0 (``log(u) * t / (u - 1)``, ``u = 1 + t``)."""
+    u = 1.0 + t
+    um1 = u - 1.0
+    return tl.where(um1 == 0.0, t, tl.log(u) * t / tl.where(um1 == 0.0, 1.0, um1))
+
+
+# The activations (``_stats``: IDENTITY 0, RELU 1, LEAKY_RELU 2, ELU 3), with torch's
+# conventions; ``p`` is leaky_relu's slope or elu's alpha, in the element math's dtype.
+@_jit()
+def _act(z, p, ACT: tl.constexpr):
+    """``act(z)``."""
+    out = z
+    if ACT == 1:
+        out = tl.where(z < 0.0, 0.0, z)
+    elif ACT == 2:
+        out = tl.where(z > 0.0, z, z * p)
+    elif ACT == 3:
+        out = tl.where(z > 0.0, z, p * _expm1(z))
+    return out
+
+
+@_jit()
+def _act_dz(z, p, ACT: tl.constexpr):
+    """``act'(z)`` at the pre-activation (torch's value at ``z = 0``); not for identity."""
+    if ACT == 1:
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0.0, 1.0, p)
+    else:
+        out = tl.where(z > 0.0, 1.0, p * tl.exp(z))
+    return out
+
+
+@_jit()
+def _act_dy(y, p, ACT: tl.constexpr):
+    """``act'(z)`` from the output ``y`` (relu and the invertible kinds); not for identity."""
+    if ACT == 1:
+        out = tl.where(y > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        out = tl.where(y > 0.0, 1.0, p)
+    else:
+        out = tl.where(y > 0.0, 1.0, y + p)
+    return out
+
+
+@_jit()
+def _act_inv(y, p, LOWEST, ACT: tl.constexpr):
+    """``z`` with ``act(z) == y`` (invertible kinds; elu's ``y / alpha`` clamped at LOWEST, the
+    data dtype's smallest number above -1)."""
+    out = y
+    if ACT == 2:
+        out = tl.where(y > 0.0, y, y / p)
+    elif ACT == 3:
+        t = y / p
+        out = tl.where(y > 0.0, y, _log1p(tl.where(t < LOWEST, LOWEST, t)))
+    return out
+
+
 # ---------------------------------------------------------------------------------- forward
 
 
@@ -240,13 +309,16 @@ def fwd_pack(part, buf, T, C, rows, L, f0, f1, f2, f3, f4, f5,
 def fwd_apply(x, out, buf, stats, w, b, rmean, rvar, status,
               rows, C, S, L, x_n, x_c, x_s, o_n, o_c, o_s, tile_rows, n_cb,
               world, f0, f1, f2, f3, f4, f5, eps: tl.float64, momentum: tl.float64,
+              act_param: tl.float64,
               HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RM: tl.constexpr,
               HAS_RV: tl.constexpr, POLICY: tl.constexpr, LINEAR: tl.constexpr,
-              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+              ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+              ACT: tl.constexpr):
     """From the reduced buffer: header check, float64 mean/var/invstd, ``stats`` (row tile 0),
     running statistics (row tile 0, only when the header is right, the global count >= 2 and,
     with POLICY RAISE, every sum is finite), the status word (program 0), then this tile's
-    ``out = (x - mean) * invstd * w + b``."""
+    ``out = act((x - mean) * invstd * w + b)`` (``out`` may be ``x``: each element is read
+    before it is written, by the same program)."""
     pid = tl.program_id(0)
     cb = pid % n_cb
     t = pid // n_cb
@@ -300,6 +372,8 @@ def fwd_apply(x, out, buf, stats, w, b, rmean, rvar, status,
     hi, lo = _split(mean, ACC)
     scale_a = scale.to(ACC)
     shift_a = shift.to(ACC)
+    # a float64 vector first: tl.cast of a scalar argument rounds it to float32 when interpreted
+    p = (tl.full([BLOCK_C], 0, tl.float64) + act_param).to(ACC)[None, :]
     r0 = t * tile_rows
     r1 = tl.minimum(r0 + tile_rows, rows)
     i = tl.arange(0, BLOCK_M)
@@ -309,6 +383,7 @@ def fwd_apply(x, out, buf, stats, w, b, rmean, rvar, status,
         mask = (m < r1)[:, None] & cmask[None, :]
         v = tl.load(x + _offsets(n, s, c, x_n, x_c, x_s, LINEAR), mask=mask, other=0.0).to(ACC)
         y = ((v - hi[None, :]) - lo[None, :]) * scale_a[None, :] + shift_a[None, :]
+        y = _act(y, p, ACT)
         tl.store(out + _offsets(n, s, c, o_n, o_c, o_s, LINEAR), y.to(out.dtype.element_ty),
                  mask=mask)
 
@@ -317,10 +392,26 @@ def fwd_apply(x, out, buf, stats, w, b, rmean, rvar, status,
 
 
 @_jit()
-def bwd_tile(dy, x, stats, part, rows, C, S, d_n, d_c, d_s, x_n, x_c, x_s, tile_rows, n_cb,
+def _coefs(w, b, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel (float64): weight and bias, 1 and 0 where absent."""
+    weight = tl.full([BLOCK_C], 1.0, tl.float64)
+    bias = tl.full([BLOCK_C], 0.0, tl.float64)
+    if HAS_W:
+        weight = tl.load(w + c, mask=cmask, other=1.0).to(tl.float64)
+    if HAS_B:
+        bias = tl.load(b + c, mask=cmask, other=0.0).to(tl.float64)
+    return weight, bias
+
+
+@_jit()
+def bwd_tile(dy, v, stats, w, b, part, rows, C, S, d_n, d_c, d_s, x_n, x_c, x_s, tile_rows,
+             n_cb, act_param: tl.float64, lowest: tl.float64,
              LINEAR: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_C: tl.constexpr):
-    """Tile partials ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64) into ``part [2, T, C]``."""
+             BLOCK_C: tl.constexpr, ACT: tl.constexpr, FROM_Y: tl.constexpr,
+             HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Tile partials ``sum(dz)`` and (``v`` = x) ``sum(dz * (x - mean))`` or (FROM_Y: ``v`` = the
+    output y) ``sum(dz * xhat)`` (float64) into ``part [2, T, C]``; ``dz = dy * act'(z)``, with
+    ``z = (x - mean) * invstd * w + b`` or ``z = act^-1(y)``, ``xhat = (z - b) / w``."""
     pid = tl.program_id(0)
     cb = pid % n_cb
     t = pid // n_cb
@@ -328,37 +419,55 @@ def bwd_tile(dy, x, stats, part, rows, C, S, d_n, d_c, d_s, x_n, x_c, x_s, tile_
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     hi, lo = _split(tl.load(stats + c, mask=cmask, other=0.0), ACC)
+    weight, bias = _coefs(w, b, c, cmask, HAS_W, HAS_B, BLOCK_C)
+    scale = (tl.load(stats + C + c, mask=cmask, other=0.0) * weight).to(ACC)
+    shift = bias.to(ACC)
+    wa = weight.to(ACC)
+    # a float64 vector first: tl.cast of a scalar argument rounds it to float32 when interpreted
+    p = (tl.full([BLOCK_C], 0, tl.float64) + act_param).to(ACC)[None, :]
+    low = (tl.full([BLOCK_C], 0, tl.float64) + lowest).to(ACC)[None, :]
     r0 = t * tile_rows
     r1 = tl.minimum(r0 + tile_rows, rows)
     i = tl.arange(0, BLOCK_M)
     a = tl.full([BLOCK_M, BLOCK_C], 0, ACC)
-    b = tl.full([BLOCK_M, BLOCK_C], 0, ACC)
+    bb = tl.full([BLOCK_M, BLOCK_C], 0, ACC)
     for start in range(r0, r1, BLOCK_M):
         m = start + i
         n, s = _rows(m, S, LINEAR)
         mask = (m < r1)[:, None] & cmask[None, :]
         g = tl.load(dy + _offsets(n, s, c, d_n, d_c, d_s, LINEAR), mask=mask, other=0.0).to(ACC)
-        v = tl.load(x + _offsets(n, s, c, x_n, x_c, x_s, LINEAR), mask=mask, other=0.0).to(ACC)
-        a += g
-        b += tl.where(mask, g * ((v - hi[None, :]) - lo[None, :]), 0.0)
+        u = tl.load(v + _offsets(n, s, c, x_n, x_c, x_s, LINEAR), mask=mask, other=0.0).to(ACC)
+        if FROM_Y:
+            if ACT != 0:
+                g = g * _act_dy(u, p, ACT)
+            xh = (_act_inv(u, p, low, ACT) - shift[None, :]) / wa[None, :]
+        else:
+            xh = (u - hi[None, :]) - lo[None, :]
+            if ACT != 0:
+                g = g * _act_dz(xh * scale[None, :] + shift[None, :], p, ACT)
+        a += tl.where(mask, g, 0.0)
+        bb += tl.where(mask, g * xh, 0.0)
     out = t.to(tl.int64) * C + c
     tl.store(part + out, _sum(a, 0).to(tl.float64), mask=cmask)
-    tl.store(part + tl.cast(T, tl.int64) * C + out, _sum(b, 0).to(tl.float64), mask=cmask)
+    tl.store(part + tl.cast(T, tl.int64) * C + out, _sum(bb, 0).to(tl.float64), mask=cmask)
 
 
 @_jit(do_not_specialize=_FIELDS)
 def bwd_pack(part, stats, buf, gw, gb, T, C, rows, L, f0, f1, f2, f3, f4, f5,
              HAS_BUF: tl.constexpr, HAS_GW: tl.constexpr, HAS_GB: tl.constexpr,
-             BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Z: tl.constexpr):
+             BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Z: tl.constexpr,
+             XHAT: tl.constexpr):
     """Local ``grad_bias = sum(dy)``, ``grad_weight = sum(dy * xhat) = invstd * sum(dy*(x-mean))``
-    in their dtypes, and (HAS_BUF) the whole backward buffer
-    ``[1 | sum(dy) (C) | sum(dy * xhat) (C) | 0... | header | 1]``."""
+    (XHAT: the partials are of ``dy * xhat`` already) in their dtypes, and (HAS_BUF) the whole
+    backward buffer ``[1 | sum(dy) (C) | sum(dy * xhat) (C) | 0... | header | 1]``."""
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     sdy, sdyx = _sum_tiles(part, T, C, c, cmask, BLOCK_T, BLOCK_C)
     # an empty shard sends exact zeros, even when the global batch is empty too (invstd NaN)
-    sdyxhat = tl.where(rows > 0, sdyx * tl.load(stats + C + c, mask=cmask, other=0.0), 0.0)
+    if not XHAT:
+        sdyx = sdyx * tl.load(stats + C + c, mask=cmask, other=0.0)
+    sdyxhat = tl.where(rows > 0, sdyx, 0.0)
     if HAS_GW:
         tl.store(gw + c, _narrow(sdyxhat, gw), mask=cmask)
     if HAS_GB:
@@ -370,14 +479,16 @@ def bwd_pack(part, stats, buf, gw, gb, T, C, rows, L, f0, f1, f2, f3, f4, f5,
 
 
 @_jit(do_not_specialize=_RUNTIME)
-def bwd_apply(dy, x, gin, stats, w, buf, status, rows, C, S, L,
+def bwd_apply(dy, v, gin, stats, w, b, buf, status, rows, C, S, L,
               d_n, d_c, d_s, x_n, x_c, x_s, g_n, g_c, g_s, tile_rows, n_cb,
-              world, f0, f1, f2, f3, f4, f5,
+              world, f0, f1, f2, f3, f4, f5, act_param: tl.float64, lowest: tl.float64,
               HAS_W: tl.constexpr, LINEAR: tl.constexpr, ACC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr,
+              FROM_Y: tl.constexpr, HAS_B: tl.constexpr):
     """Header check into ``status`` (program 0), then this tile's
-    ``grad_input = w*invstd*(dy - S_dy/n - xhat*S_dyxhat/n)`` with the GLOBAL sums, mean-first:
-    ``dy*a + (x - mean)*b + c``."""
+    ``grad_input = w*invstd*(dz - S_dz/n - xhat*S_dzxhat/n)`` with the GLOBAL sums: from x
+    (``v``), mean-first, ``dz*a + (x - mean)*b + c``; or (FROM_Y) from the output y (``v``),
+    ``dz*a + xhat*b + c``; ``dz`` and ``xhat`` as in :func:`bwd_tile`."""
     pid = tl.program_id(0)
     cb = pid % n_cb
     t = pid // n_cb
@@ -392,12 +503,19 @@ def bwd_apply(dy, x, gin, stats, w, buf, status, rows, C, S, L,
     count = tl.load(stats + 2 * C)
     sdy = tl.load(buf + 1 + c, mask=cmask, other=0.0)
     sdyxhat = tl.load(buf + 1 + C + c, mask=cmask, other=0.0)
-    k = invstd
-    if HAS_W:
-        k = k * tl.load(w + c, mask=cmask, other=0.0).to(tl.float64)
+    weight, bias = _coefs(w, b, c, cmask, HAS_W, HAS_B, BLOCK_C)
+    k = invstd * weight
     ca = k.to(ACC)
-    cb_ = (-k * invstd * (sdyxhat / count)).to(ACC)
+    if FROM_Y:
+        cb_ = (-k * (sdyxhat / count)).to(ACC)
+    else:
+        cb_ = (-k * invstd * (sdyxhat / count)).to(ACC)
     cc = (-k * (sdy / count)).to(ACC)
+    shift = bias.to(ACC)
+    wa = weight.to(ACC)
+    # a float64 vector first: tl.cast of a scalar argument rounds it to float32 when interpreted
+    p = (tl.full([BLOCK_C], 0, tl.float64) + act_param).to(ACC)[None, :]
+    low = (tl.full([BLOCK_C], 0, tl.float64) + lowest).to(ACC)[None, :]
     hi, lo = _split(mean, ACC)
     r0 = t * tile_rows
     r1 = tl.minimum(r0 + tile_rows, rows)
@@ -407,7 +525,15 @@ def bwd_apply(dy, x, gin, stats, w, buf, status, rows, C, S, L,
         n, s = _rows(m, S, LINEAR)
         mask = (m < r1)[:, None] & cmask[None, :]
         g = tl.load(dy + _offsets(n, s, c, d_n, d_c, d_s, LINEAR), mask=mask, other=0.0).to(ACC)
-        v = tl.load(x + _offsets(n, s, c, x_n, x_c, x_s, LINEAR), mask=mask, other=0.0).to(ACC)
-        r = g * ca[None, :] + ((v - hi[None, :]) - lo[None, :]) * cb_[None, :] + cc[None, :]
+        u = tl.load(v + _offsets(n, s, c, x_n, x_c, x_s, LINEAR), mask=mask, other=0.0).to(ACC)
+        if FROM_Y:
+            if ACT != 0:
+                g = g * _act_dy(u, p, ACT)
+            xh = (_act_inv(u, p, low, ACT) - shift[None, :]) / wa[None, :]
+        else:
+            xh = (u - hi[None, :]) - lo[None, :]
+            if ACT != 0:
+                g = g * _act_dz(xh * ca[None, :] + shift[None, :], p, ACT)
+        r = g * ca[None, :] + xh * cb_[None, :] + cc[None, :]
         tl.store(gin + _offsets(n, s, c, g_n, g_c, g_s, LINEAR), r.to(gin.dtype.element_ty),
                  mask=mask)

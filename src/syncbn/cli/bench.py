@@ -6,9 +6,10 @@ Commands::
     syncbn bench --quick              # short run (N=2 shapes, fewer iterations, small network)
     syncbn bench --out results/ --threads 1,2 --world-sizes 1,2
     syncbn bench --shapes 2x64x56x56,64x1024,cl:2x64x56x56 --no-e2e
+    syncbn bench --no-layers --no-e2e                # only the activated-layer section
     SYNCBN_KERNEL=aten syncbn bench   # syncbn on its plain ATen path only
 
-Three sections, each a table on stdout (at most 120 columns: the ratios that matter); every
+Four sections, each a table on stdout (at most 120 columns: the ratios that matter); every
 number, per rank too, goes to ``--out/syncbn-bench.json`` (with torch version, machine, date,
 threads, the fused kernel's build time and the command line). On a terminal a progress bar counts
 the units of work (a shape at one world size and thread count; an end-to-end contender). The header line says whether syncbn's fused CPU kernel is used, how long its cold build
@@ -60,6 +61,21 @@ takes (measured in a subprocess with an empty cache) and how long this run took 
    data and optimizer exist. It counts what the allocator takes from the OS during the steps
    (activations, gradients, optimizer and communication buffers, allocator slack), at page
    granularity, not bytes torch allocated; the absolute peak RSS is in the JSON too.
+
+4. Activated layers: one training step (forward, backward, SGD) of a ResNet-18-style network with
+   leaky_relu(0.01) after the first batch norm of each block and the stem
+   (``_bench_models.make_act_resnet``), on the same input as section 2, W=2 ranks under DDP,
+   with the batch norms written three ways, each in fresh processes: ``unfused``
+   (``syncbn.SyncBatchNorm2d`` then ``nn.LeakyReLU(0.01)``), ``fused``
+   (``activation="leaky_relu"``) and ``inplace`` (``inplace=True`` as well, also on the batch
+   norms without an activation). Per variant: the median step time, the peak memory as in
+   section 3, the bytes the step keeps for its backward (the distinct storages of the tensors
+   autograd saves, counted with ``torch.autograd.graph.saved_tensors_hooks``: exact, and
+   independent of the allocator), and the first step's loss (the same in every variant when
+   they compute the same). Before the steps every rank checks that its syncbn layers honour
+   ``activation`` and ``inplace`` (a synchronized leaky_relu layer's output has the
+   activation, an in-place layer's output is its input); the table says when they do not
+   (then the fused and in-place numbers are not those of activated layers).
 
 Spawned ranks: ``spawn`` start method, gloo over a ``FileStore`` in a temporary directory, a
 timeout on ``init_process_group``, ``torch.set_num_threads(--threads)`` per rank; on CPU each
@@ -130,6 +146,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="warm-up iterations per contender and shape (default 10; --quick 2)")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer section")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end and memory sections")
+    p.add_argument("--no-act", action="store_true",
+                   help="skip the activated-layer section (in-place leaky_relu layers: memory "
+                   "and step time)")
     p.add_argument("--e2e-input", type=shape, default=None, metavar="NxCxHxW",
                    help="per-rank input of the end-to-end step (default 2x3x64x64; --quick 2x3x32x32)")
     p.add_argument("--e2e-steps", type=int_at_least(1), default=None,
@@ -365,6 +384,85 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
                     "steps": len(times), **mem}}
 
 
+def _honoured(device: torch.device) -> dict[str, bool]:
+    """Whether this process's syncbn layers apply ``activation`` and write ``inplace`` outputs
+    over their input in a synchronized training pass (every rank runs it: it synchronizes)."""
+    import syncbn
+
+    layer = syncbn.SyncBatchNorm2d(2, activation="leaky_relu", activation_param=0.5,
+                                   inplace=True).to(device)
+    x = torch.linspace(-1.0, 1.0, 16, device=device).view(2, 2, 2, 2)
+    xhat = torch.nn.functional.batch_norm(x, None, None, training=True)
+    y = layer(x)
+    activated = bool(torch.allclose(y.detach(), torch.nn.functional.leaky_relu(xhat, 0.5),
+                                    atol=1e-4))
+    return {"activation": activated, "inplace": y.data_ptr() == x.data_ptr()}
+
+
+def _act_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any]) -> dict:
+    import torch.distributed as dist
+
+    from ._bench_models import make_act_resnet
+
+    honoured = _honoured(device)
+    torch.manual_seed(0)
+    model = make_act_resnet(opts["variant"], opts["e2e_width"]).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    torch.manual_seed(1 + rank)
+    x0 = torch.randn(opts["e2e_input"], device=device)
+    y = torch.randint(0, 10, (x0.shape[0],), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    saved: dict[tuple[Any, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[(t.device, storage.data_ptr())] = storage.nbytes()
+        return t
+
+    def step(count: bool = False) -> float:
+        opt.zero_grad(set_to_none=True)
+        if count:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = loss_fn(ddp(x0), y)
+        else:
+            loss = loss_fn(ddp(x0), y)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _rss_bytes()
+    first_loss = step(count=True)  # the first step: the same weights in every variant
+    params = {(p.device, p.untyped_storage().data_ptr()) for p in model.parameters()}
+    saved_bytes = sum(n for key, n in saved.items() if key not in params)
+    for _ in range(opts["warmup"]):
+        step()
+    times = []
+    for _ in range(opts["e2e_steps"]):
+        dist.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        peak = _maxrss_bytes()
+        method = "ru_maxrss after the steps minus RSS before the first step"
+    return {"act": {"variant": opts["variant"], "rank": rank, "world_size": world,
+                    "step_median_ms": statistics.median(times), "step_min_ms": min(times),
+                    "steps": len(times), "first_loss": first_loss,
+                    "saved_for_backward_bytes": saved_bytes, "peak_growth_bytes": peak - base,
+                    "peak_bytes": peak, "method": method, "honoured": honoured}}
+
+
 # --------------------------------------------------------------------------- launching
 
 
@@ -380,9 +478,10 @@ def _rank_main(rank: int, world: int, store_path: str, result_path: str, task: s
     if device.type == "cuda":
         torch.cuda.set_device(device)
     with joined(rank, world, store_path, backend, _PG_TIMEOUT_S):
-        result = (_layer_rank if task == "layers" else _e2e_rank)(rank, world, device, opts)
+        fn = {"layers": _layer_rank, "e2e": _e2e_rank, "act": _act_rank}[task]
+        result = fn(rank, world, device, opts)
         result["backend"] = backend
-        if task == "e2e" and rank == 0:
+        if task in ("e2e", "act") and rank == 0:
             tick(opts["progress"])
         torch.save(result, f"{result_path}.{rank}")
     leave()  # done and saved: skip the interpreter's teardown (see _launch.leave)
@@ -471,7 +570,7 @@ def _units(args: argparse.Namespace, shapes: int, skip: Callable[[int, int], boo
     """How many units of work (a shape at one W and T; an end-to-end contender) the run has."""
     layers = 0 if args.no_layers else shapes * sum(
         not skip(w, t) for t in args.threads for w in args.world_sizes)
-    return layers + (0 if args.no_e2e else 3)
+    return layers + (0 if args.no_e2e else 3) + (0 if args.no_act else 3)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -541,6 +640,8 @@ def run(args: argparse.Namespace) -> int:
                 _layers(args, opts, report, launch, skipped, cores)
             if not args.no_e2e:
                 _end_to_end(opts, report, launch)
+            if not args.no_act:
+                _activated(opts, report, launch)
         finally:
             if bar is not None:
                 bar.close()
@@ -606,6 +707,66 @@ def _end_to_end(opts: dict[str, Any], report: dict[str, Any],
     print(step)
     print(f"\n3. Memory per rank over the steps ({e2e['syncbn'][0]['method']})\n")
     print(mem, flush=True)
+
+
+def act_table(act: dict[str, Any]) -> str:
+    """Section 4 as printed: per variant, the slowest rank's step, the largest rank's memory."""
+    mib = 2**20
+    unfused = act["unfused"]
+    t0 = max(r["step_median_ms"] for r in unfused)
+    g0 = max(r["peak_growth_bytes"] for r in unfused)
+    s0 = max(r["saved_for_backward_bytes"] for r in unfused)
+    rows = []
+    for variant in ("unfused", "fused", "inplace"):
+        ranks = act[variant]
+        t = max(r["step_median_ms"] for r in ranks)
+        g = max(r["peak_growth_bytes"] for r in ranks)
+        saved = max(r["saved_for_backward_bytes"] for r in ranks)
+        ok = all(r["honoured"]["activation"] for r in ranks)
+        if variant == "inplace":
+            ok = ok and all(r["honoured"]["inplace"] for r in ranks)
+        rows.append([variant, f"{t:.1f}", f"{t / t0:.3f}", f"{saved / mib:.1f}",
+                     f"{saved / max(s0, 1):.3f}", f"{g / mib:.1f}", f"{g / max(g0, 1):.3f}",
+                     f"{ranks[0]['first_loss']:.6f}",
+                     "-" if variant == "unfused" else "yes" if ok else "NO"])
+    return table(["variant", "step ms", "step/unfused", "saved MiB", "saved/unfused",
+                  "peak MiB", "peak/unfused", "first loss", "honoured"], rows)
+
+
+def _activated(opts: dict[str, Any], report: dict[str, Any],
+               launch: Callable[..., list[dict]]) -> None:
+    """Section 4: each variant in fresh ranks, then its table."""
+    from ._bench_models import ACT_VARIANTS
+
+    act: dict[str, Any] = {"network": f"resnet18-style width {opts['e2e_width']}, leaky_relu "
+                                      "0.01", "input": "x".join(map(str, opts["e2e_input"])),
+                           "steps": opts["e2e_steps"], "warmup": opts["warmup"]}
+    for variant in ACT_VARIANTS:
+        results = launch(2, "act", f"activated layers, {variant}", {"variant": variant})
+        act[variant] = [r["act"] for r in results]
+    for variant in ACT_VARIANTS[1:]:
+        act[f"{variant}_step_ratio"] = (max(r["step_median_ms"] for r in act[variant])
+                                        / max(r["step_median_ms"] for r in act["unfused"]))
+        act[f"{variant}_peak_ratio"] = (
+            max(r["peak_growth_bytes"] for r in act[variant])
+            / max(max(r["peak_growth_bytes"] for r in act["unfused"]), 1))
+        act[f"{variant}_saved_ratio"] = (
+            max(r["saved_for_backward_bytes"] for r in act[variant])
+            / max(max(r["saved_for_backward_bytes"] for r in act["unfused"]), 1))
+    act["honoured"] = all(r["honoured"]["activation"] and r["honoured"]["inplace"]
+                          for v in ACT_VARIANTS[1:] for r in act[v])
+    report["act"] = act
+    print(f"\n4. Activated layers: training step (forward, backward, SGD) of a {act['network']}"
+          f"\n   on {act['input']} per rank, DDP on 2 ranks. unfused = SyncBatchNorm2d + "
+          "nn.LeakyReLU(0.01); fused =\n   activation=\"leaky_relu\"; inplace = that and "
+          "inplace=True. step: median ms (slowest rank); saved:\n   what autograd keeps for "
+          "the backward (distinct storages, no parameters; the largest rank);\n   peak: "
+          f"{act['unfused'][0]['method']} (the largest rank);\n   honoured: the layers "
+          "apply activation (and inplace) in a synchronized pass\n")
+    print(act_table(act), flush=True)
+    if not act["honoured"]:
+        print("\n   NOTE: this syncbn's layers do not honour activation/inplace yet (honoured = NO):"
+              "\n   the fused and inplace rows are not those of activated layers.", flush=True)
 
 
 _ALLOCATOR_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",

@@ -332,10 +332,54 @@ static inline void SFX(affine)(i64 c, const double *mean, const double *invstd, 
   *b_o = (T)(bc == DT_NONE ? 0.0 : load(b, bc, c));
 }
 
-/* y = (x - mean) * invstd * weight + bias. Returns 0, or -1 when out of memory. */
+/* The activation of the affine output z, per element (k: an ACT_* constant at every call, via
+ * ACT_SWITCH; p: leaky_relu's slope, elu's alpha), with torch's conventions: act_fwd is
+ * F.relu/leaky_relu/elu; act_dz the derivative at z (torch's at z = 0); act_dy the same
+ * derivative from the output y (relu, and the invertible kinds: y > 0 exactly when z > 0;
+ * elu's alpha * exp(z) is y + alpha); act_inv the z of an output y (invertible kinds; elu's
+ * log1p(y / alpha) clamped above -1, so that an output rounded to -alpha gives log(eps/2)). */
+static inline T SFX(act_fwd)(int k, T p, T z) {
+  if (k == ACT_RELU) return z < 0 ? (T)0 : z;
+  if (k == ACT_LEAKY_RELU) return z > 0 ? z : z * p;
+  if (k == ACT_ELU) {
+    T e = p * (T)expm1_((double)z); /* on every lane, then chosen: the loop stays branch-free */
+    return z > 0 ? z : e;
+  }
+  return z;
+}
+
+static inline T SFX(act_dz)(int k, T p, T z) {
+  if (k == ACT_RELU) return z > 0 ? (T)1 : (T)0;
+  if (k == ACT_LEAKY_RELU) return z > 0 ? (T)1 : p;
+  if (k == ACT_ELU) {
+    T e = p * (T)exp_((double)z);
+    return z > 0 ? (T)1 : e;
+  }
+  return 1;
+}
+
+static inline T SFX(act_dy)(int k, T p, T y) {
+  if (k == ACT_RELU) return y > 0 ? (T)1 : (T)0;
+  if (k == ACT_LEAKY_RELU) return y > 0 ? (T)1 : p;
+  if (k == ACT_ELU) return y > 0 ? (T)1 : y + p;
+  return 1;
+}
+
+static inline T SFX(act_inv)(int k, T p, T y) {
+  if (k == ACT_LEAKY_RELU) return y > 0 ? y : y / p;
+  if (k == ACT_ELU) {
+    T t = y / p;
+    T z = (T)log1p_((double)(t < T_ABOVE_MINUS_ONE ? T_ABOVE_MINUS_ONE : t));
+    return y > 0 ? y : z;
+  }
+  return y;
+}
+
+/* y = act((x - mean) * invstd * weight + bias); y may be x. Returns 0, or -1 when out of
+ * memory. */
 static int SFX(normalize)(const T *x, T *y, i64 N, i64 C, i64 S, int nsc, int nt,
                           const double *mean, const double *invstd, const void *w, int wc,
-                          const void *b, int bc) {
+                          const void *b, int bc, int act, T p) {
   nt = threads_for(N * C * S, nt);
   if (!nsc) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
@@ -344,8 +388,10 @@ static int SFX(normalize)(const T *x, T *y, i64 N, i64 C, i64 S, int nsc, int nt
       SFX(affine)(r % C, mean, invstd, w, wc, b, bc, &m, &a, &bb);
       const T *xr = x + r * S;
       T *yr = y + r * S;
-#pragma omp simd
-      for (i64 s = 0; s < S; ++s) yr[s] = (xr[s] - m) * a + bb;
+#define ROW(K)                                                                                 \
+  _Pragma("omp simd") for (i64 s = 0; s < S; ++s) yr[s] = SFX(act_fwd)(K, p, (xr[s] - m) * a + bb)
+      ACT_SWITCH(act, ROW)
+#undef ROW
     }
     return 0;
   }
@@ -357,8 +403,217 @@ static int SFX(normalize)(const T *x, T *y, i64 N, i64 C, i64 S, int nsc, int nt
   for (i64 r = 0; r < N * S; ++r) {
     const T *xr = x + r * C;
     T *yr = y + r * C;
-#pragma omp simd
-    for (i64 c = 0; c < C; ++c) yr[c] = (xr[c] - m[c]) * a[c] + bb[c];
+#define ROW(K)                                                                                 \
+  _Pragma("omp simd") for (i64 c = 0; c < C; ++c)                                              \
+      yr[c] = SFX(act_fwd)(K, p, (xr[c] - m[c]) * a[c] + bb[c])
+    ACT_SWITCH(act, ROW)
+#undef ROW
+  }
+  free(coef);
+  return 0;
+}
+
+/* Per-channel coefficients (in T) of an activated backward: m = mean, za = invstd * weight,
+ * zb = bias (z = (x - m) * za + zb), wt = weight (xhat = (z - zb) / wt from an output). */
+static inline void SFX(act_coef)(i64 c, const double *mean, const double *invstd, const void *w,
+                                 int wc, const void *b, int bc, T *m, T *za, T *zb, T *wt) {
+  double wv = wc == DT_NONE ? 1.0 : load(w, wc, c);
+  *m = (T)mean[c];
+  *za = (T)(invstd[c] * wv);
+  *zb = (T)(bc == DT_NONE ? 0.0 : load(b, bc, c));
+  *wt = (T)wv;
+}
+
+/* The backward sums of an activated layer: sums = [sum(dz) (C), sum(dz * xhat) (C)] with
+ * dz = dy * act'(z): from x (y NULL: z recomputed, sum(dz * (x - mean)) * invstd) or from the
+ * output y alone (x not read: z = act^-1(y), xhat = (z - bias) / weight). Summed in T over at
+ * most BLOCK values (NCS) or NSC_BLOCK_ROWS rows (NSC), then in float64, like the plain sums.
+ * Returns 0, or -1 when out of memory. */
+static int SFX(act_sums)(const T *dy, const T *x, const T *y, i64 N, i64 C, i64 S, int nsc,
+                         int nt, const double *mean, const double *invstd, const void *w, int wc,
+                         const void *b, int bc, int act, T p, double *sums) {
+  if (!nsc) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (i64 c = 0; c < C; ++c) {
+      T m, za, zb, wt;
+      SFX(act_coef)(c, mean, invstd, w, wc, b, bc, &m, &za, &zb, &wt);
+      double sdz = 0.0, sdzx = 0.0;
+      for (i64 n = 0; n < N; ++n) {
+        i64 row = (n * C + c) * S;
+        for (i64 s0 = 0; s0 < S; s0 += BLOCK) {
+          i64 len = S - s0 < BLOCK ? S - s0 : BLOCK, off = row + s0;
+          const T *dr = dy + off;
+          T t1 = 0, t2 = 0;
+          if (y) {
+            const T *yr = y + off;
+#define RUN(K)                                                                                 \
+  _Pragma("omp simd reduction(+ : t1, t2)") for (i64 s = 0; s < len; ++s) {                   \
+    T v = yr[s], g = dr[s] * SFX(act_dy)(K, p, v);                                            \
+    t1 += g;                                                                                   \
+    t2 += g * ((SFX(act_inv)(K, p, v) - zb) / wt);                                            \
+  }
+            ACT_SWITCH(act, RUN)
+#undef RUN
+          } else {
+            const T *xr = x + off;
+#define RUN(K)                                                                                 \
+  _Pragma("omp simd reduction(+ : t1, t2)") for (i64 s = 0; s < len; ++s) {                   \
+    T xm = xr[s] - m, g = dr[s] * SFX(act_dz)(K, p, xm * za + zb);                            \
+    t1 += g;                                                                                   \
+    t2 += g * xm;                                                                              \
+  }
+            ACT_SWITCH(act, RUN)
+#undef RUN
+          }
+          sdz += (double)t1;
+          sdzx += (double)t2;
+        }
+      }
+      sums[c] = sdz;
+      sums[C + c] = y ? sdzx : sdzx * invstd[c];
+    }
+    return 0;
+  }
+  i64 R = N * S, B = SFX(nsc_block_rows)(R, C, nt), blocks = (R + B - 1) / B;
+  if (nt > blocks) nt = (int)blocks;
+  double *acc = calloc((size_t)(nt * 2 * C), sizeof(double));
+  T *coef = malloc(sizeof(T) * (size_t)((4 + 2 * nt) * C));
+  if (!acc || !coef) {
+    free(acc);
+    free(coef);
+    return -1;
+  }
+  T *m = coef, *za = coef + C, *zb = coef + 2 * C, *wt = coef + 3 * C;
+  for (i64 c = 0; c < C; ++c) SFX(act_coef)(c, mean, invstd, w, wc, b, bc, m + c, za + c, zb + c,
+                                            wt + c);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    int t;
+    i64 r0, r1;
+    thread_rows(R, B, blocks, &t, &r0, &r1);
+    double *mine = acc + t * 2 * C;
+    T *ta = coef + (4 + 2 * t) * C, *tb = ta + C;
+    for (i64 b0 = r0; b0 < r1; b0 += B) {
+      i64 e = r1 - b0 < B ? r1 : b0 + B;
+      memset(ta, 0, sizeof(T) * (size_t)(2 * C));
+      for (i64 r = b0; r < e; ++r) {
+        const T *dr = dy + r * C;
+        if (y) {
+          const T *yr = y + r * C;
+#define RUN(K)                                                                                 \
+  _Pragma("omp simd") for (i64 c = 0; c < C; ++c) {                                           \
+    T v = yr[c], g = dr[c] * SFX(act_dy)(K, p, v);                                            \
+    ta[c] += g;                                                                                \
+    tb[c] += g * ((SFX(act_inv)(K, p, v) - zb[c]) / wt[c]);                                   \
+  }
+          ACT_SWITCH(act, RUN)
+#undef RUN
+        } else {
+          const T *xr = x + r * C;
+#define RUN(K)                                                                                 \
+  _Pragma("omp simd") for (i64 c = 0; c < C; ++c) {                                           \
+    T xm = xr[c] - m[c], g = dr[c] * SFX(act_dz)(K, p, xm * za[c] + zb[c]);                   \
+    ta[c] += g;                                                                                \
+    tb[c] += g * xm;                                                                           \
+  }
+          ACT_SWITCH(act, RUN)
+#undef RUN
+        }
+      }
+      for (i64 c = 0; c < C; ++c) {
+        mine[c] += (double)ta[c];
+        mine[C + c] += (double)tb[c];
+      }
+    }
+  }
+  for (i64 c = 0; c < C; ++c) { /* in thread order: deterministic for a given nt */
+    double sdz = 0.0, sdzx = 0.0;
+    for (int t = 0; t < nt; ++t) {
+      sdz += acc[t * 2 * C + c];
+      sdzx += acc[t * 2 * C + C + c];
+    }
+    sums[c] = sdz;
+    sums[C + c] = y ? sdzx : sdzx * invstd[c];
+  }
+  free(acc);
+  free(coef);
+  return 0;
+}
+
+/* grad_input of an activated layer: dx = weight * invstd * (dz - sum(dz)/n - xhat *
+ * sum(dz * xhat)/n), dz and xhat from x (y NULL; written dz * a + (x - mean) * b + k, mean
+ * first) or from the output y alone (dz * a + xhat * b + k). Returns 0, or -1 when out of
+ * memory. */
+static int SFX(backward_input_act)(const T *dy, const T *x, const T *y, T *dx, i64 N, i64 C,
+                                   i64 S, int nsc, int nt, const double *mean,
+                                   const double *invstd, const void *w, int wc, const void *b,
+                                   int bc, const double *sums, double count, int act, T p) {
+  nt = threads_for(N * C * S, nt);
+  /* per channel: m, za, zb, wt (act_coef), then gb (the xhat or x - mean term) and gk */
+  T *coef = malloc(sizeof(T) * (size_t)(6 * C));
+  if (!coef) return -1;
+  T *m = coef, *za = coef + C, *zb = coef + 2 * C, *wt = coef + 3 * C, *gb = coef + 4 * C,
+    *gk = coef + 5 * C;
+  for (i64 c = 0; c < C; ++c) {
+    SFX(act_coef)(c, mean, invstd, w, wc, b, bc, m + c, za + c, zb + c, wt + c);
+    double wi = invstd[c] * (wc == DT_NONE ? 1.0 : load(w, wc, c));
+    gb[c] = (T)(-wi * (y ? 1.0 : invstd[c]) * (sums[C + c] / count));
+    gk[c] = (T)(-wi * (sums[c] / count));
+  }
+  if (!nsc) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (i64 r = 0; r < N * C; ++r) {
+      i64 c = r % C;
+      T mc = m[c], a = za[c], zbc = zb[c], wtc = wt[c], bc_ = gb[c], k = gk[c];
+      const T *dr = dy + r * S;
+      T *out = dx + r * S;
+      if (y) {
+        const T *yr = y + r * S;
+#define RUN(K)                                                                                 \
+  _Pragma("omp simd") for (i64 s = 0; s < S; ++s) {                                           \
+    T v = yr[s];                                                                               \
+    out[s] = dr[s] * SFX(act_dy)(K, p, v) * a + ((SFX(act_inv)(K, p, v) - zbc) / wtc) * bc_ + k; \
+  }
+        ACT_SWITCH(act, RUN)
+#undef RUN
+      } else {
+        const T *xr = x + r * S;
+#define RUN(K)                                                                                 \
+  _Pragma("omp simd") for (i64 s = 0; s < S; ++s) {                                           \
+    T xm = xr[s] - mc;                                                                         \
+    out[s] = dr[s] * SFX(act_dz)(K, p, xm * a + zbc) * a + xm * bc_ + k;                       \
+  }
+        ACT_SWITCH(act, RUN)
+#undef RUN
+      }
+    }
+    free(coef);
+    return 0;
+  }
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (i64 r = 0; r < N * S; ++r) {
+    const T *dr = dy + r * C;
+    T *out = dx + r * C;
+    if (y) {
+      const T *yr = y + r * C;
+#define RUN(K)                                                                                 \
+  _Pragma("omp simd") for (i64 c = 0; c < C; ++c) {                                           \
+    T v = yr[c];                                                                               \
+    out[c] = dr[c] * SFX(act_dy)(K, p, v) * za[c] +                                            \
+             ((SFX(act_inv)(K, p, v) - zb[c]) / wt[c]) * gb[c] + gk[c];                        \
+  }
+      ACT_SWITCH(act, RUN)
+#undef RUN
+    } else {
+      const T *xr = x + r * C;
+#define RUN(K)                                                                                 \
+  _Pragma("omp simd") for (i64 c = 0; c < C; ++c) {                                           \
+    T xm = xr[c] - m[c];                                                                       \
+    out[c] = dr[c] * SFX(act_dz)(K, p, xm * za[c] + zb[c]) * za[c] + xm * gb[c] + gk[c];      \
+  }
+      ACT_SWITCH(act, RUN)
+#undef RUN
+    }
   }
   free(coef);
   return 0;
@@ -371,13 +626,19 @@ static int SFX(normalize)(const T *x, T *y, i64 N, i64 C, i64 S, int nsc, int nt
 static int SFX(backward_reduce)(const T *dy, const T *x, i64 N, i64 C, i64 S, int nsc, int nt,
                                 const double *mean, const double *invstd, double *buf, i64 len,
                                 i64 f0, i64 f1, i64 f2, i64 f3, i64 f4, i64 f5, void *gw, int gwc,
-                                void *gb, int gbc) {
+                                void *gb, int gbc, int act, T p, const T *y, const void *w,
+                                int wc, const void *b, int bc) {
   i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
   double *sums = calloc((size_t)(2 * C), sizeof(double));
   if (!sums) return WIRE_NO_MEMORY;
   nt = threads_for(N * C * S, nt);
   if (N * S == 0) {
     /* an empty shard adds nothing (its invstd may be NaN: a global batch of 0) */
+  } else if (act != ACT_IDENTITY || y) {
+    if (SFX(act_sums)(dy, x, y, N, C, S, nsc, nt, mean, invstd, w, wc, b, bc, act, p, sums)) {
+      free(sums);
+      return WIRE_NO_MEMORY;
+    }
   } else if (!nsc) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (i64 c = 0; c < C; ++c) {
@@ -501,29 +762,35 @@ static int SFX(forward_apply)(const double *buf, i64 len, double world, i64 f0, 
                               i64 f3, i64 f4, i64 f5, double eps, double momentum, void *rmean,
                               int rmean_code, void *rvar, int rvar_code, int policy,
                               double *stats, const T *x, T *y, i64 N, i64 C, i64 S, int nsc,
-                              int nt, const void *w, int wc, const void *b, int bc) {
+                              int nt, const void *w, int wc, const void *b, int bc, int act,
+                              T p) {
   i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
   int status = forward_finish(buf, len, C, world, f, eps, momentum, rmean, rmean_code, rvar,
                               rvar_code, policy, stats);
   if (status != WIRE_OK) return status;
-  if (SFX(normalize)(x, y, N, C, S, nsc, nt, stats, stats + C, w, wc, b, bc))
+  if (SFX(normalize)(x, y, N, C, S, nsc, nt, stats, stats + C, w, wc, b, bc, act, p))
     return WIRE_NO_MEMORY;
   return WIRE_OK;
 }
 
 /* After the backward collective, in one call: the header check, then grad_input from the
- * reduced payload and the forward's stats (mean, invstd, count). Returns a WIRE_* code
- * (nothing computed on WIRE_MISMATCH). */
+ * reduced payload and the forward's stats (mean, invstd, count); an activated layer's, or one
+ * with its output y (x then not read), by backward_input_act. Returns a WIRE_* code (nothing
+ * computed on WIRE_MISMATCH). */
 static int SFX(backward_apply)(const double *buf, i64 len, double world, i64 f0, i64 f1, i64 f2,
                                i64 f3, i64 f4, i64 f5, const T *dy, const T *x, T *dx, i64 N,
                                i64 C, i64 S, int nsc, int nt, const double *stats, const void *w,
-                               int wc) {
+                               int wc, int act, T p, const T *y, const void *b, int bc) {
   i64 f[NFIELDS] = {f0, f1, f2, f3, f4, f5};
   if (!header_ok(buf, len, world, f)) return WIRE_MISMATCH;
-  if (SFX(backward_input)(dy, x, dx, N, C, S, nsc, nt, stats, stats + C, w, wc, buf + 1,
-                          stats[2 * C]))
-    return WIRE_NO_MEMORY;
-  return WIRE_OK;
+  int failed;
+  if (act != ACT_IDENTITY || y)
+    failed = SFX(backward_input_act)(dy, x, y, dx, N, C, S, nsc, nt, stats, stats + C, w, wc, b,
+                                     bc, buf + 1, stats[2 * C], act, p);
+  else
+    failed = SFX(backward_input)(dy, x, dx, N, C, S, nsc, nt, stats, stats + C, w, wc, buf + 1,
+                                 stats[2 * C]);
+  return failed ? WIRE_NO_MEMORY : WIRE_OK;
 }
 
 /* The exported calls: one argument block each (see kernel.c), unpacked into the calls above. */
@@ -541,7 +808,7 @@ int SFX(syncbn_forward_apply)(const forward_apply_args *a) {
                             (int)a->rvar_code, (int)a->policy, P(double *, a->stats),
                             P(const T *, a->x), P(T *, a->y), a->N, a->C, a->S, (int)a->nsc,
                             (int)a->nt, P(const void *, a->w), (int)a->wc, P(const void *, a->b),
-                            (int)a->bc);
+                            (int)a->bc, (int)a->act, (T)a->act_param);
 }
 
 int SFX(syncbn_backward_reduce)(const backward_reduce_args *a) {
@@ -549,7 +816,9 @@ int SFX(syncbn_backward_reduce)(const backward_reduce_args *a) {
                               (int)a->nsc, (int)a->nt, P(const double *, a->mean),
                               P(const double *, a->invstd), P(double *, a->buf), a->len, a->f[0],
                               a->f[1], a->f[2], a->f[3], a->f[4], a->f[5], P(void *, a->gw),
-                              (int)a->gwc, P(void *, a->gb), (int)a->gbc);
+                              (int)a->gwc, P(void *, a->gb), (int)a->gbc, (int)a->act,
+                              (T)a->act_param, P(const T *, a->y), P(const void *, a->w),
+                              (int)a->wc, P(const void *, a->b), (int)a->bc);
 }
 
 int SFX(syncbn_backward_apply)(const backward_apply_args *a) {
@@ -557,6 +826,7 @@ int SFX(syncbn_backward_apply)(const backward_apply_args *a) {
                              a->f[2], a->f[3], a->f[4], a->f[5], P(const T *, a->dy),
                              P(const T *, a->x), P(T *, a->dx), a->N, a->C, a->S, (int)a->nsc,
                              (int)a->nt, P(const double *, a->stats), P(const void *, a->w),
-                             (int)a->wc);
+                             (int)a->wc, (int)a->act, (T)a->act_param, P(const T *, a->y),
+                             P(const void *, a->b), (int)a->bc);
 }
 #undef P
