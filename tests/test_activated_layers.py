@@ -28,17 +28,6 @@ CLASSES = [syncbn.SyncBatchNorm, syncbn.SyncBatchNorm1d, syncbn.SyncBatchNorm2d,
            syncbn.SyncBatchNorm3d, syncbn.BatchNormAct]
 
 
-def _module_applies_activation() -> bool:
-    layer = syncbn.SyncBatchNorm1d(2, activation="relu").eval()
-    with torch.no_grad():
-        return bool((layer(torch.full((3, 2), -1.0)) == 0).all())
-
-
-needs_core = pytest.mark.xfail(
-    not _module_applies_activation(), strict=True,
-    reason="SyncBatchNorm.forward does not apply the activation yet (the core wires it)")
-
-
 # ------------------------------------------------------------------------- constructor
 
 
@@ -240,7 +229,6 @@ def test_unfused_layers_run_drop_and_act_after_the_batch_norm():
             torch.testing.assert_close(converted[i](x), plain[i](x))
 
 
-@needs_core
 def test_fused_timm_layers_compute_the_same():
     net = timm_net()
     _randomize(net)

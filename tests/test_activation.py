@@ -69,9 +69,9 @@ def simulate(backend: Any, shards: list[torch.Tensor], grads: list[torch.Tensor]
     """Forward and backward of ``len(shards)`` simulated ranks on one backend's steps."""
     channels, world = shards[0].shape[1], len(shards)
     size = _wire.length(_wire.width_for(channels))
-    tag = _wire.LayerTag(key=4321, description="test_activation", forward=1, backward=1)
-    ffields = _wire.fields(tag, _wire.FORWARD, channels)
-    bfields = _wire.fields(tag, _wire.BACKWARD, channels)
+    tag = _wire.LayerTag(key=4321, description="test_activation")
+    ffields = _wire.fields(tag, _wire.FORWARD, channels, 1)
+    bfields = _wire.fields(tag, _wire.BACKWARD, channels, 1)
     runs = [tuple(t.clone() for t in running) if running else (None, None) for _ in shards]
     geos = [backend.applies(x, weight, bias, *run) for x, run in zip(shards, runs)]
     bufs = [torch.empty(size, dtype=F64) for _ in shards]
@@ -281,9 +281,9 @@ def test_ill_conditioned_weight_keeps_a_copy_of_the_input(backend_name):
     # the core's in-place pass with the fallback: copy, then write the output over the input
     channels, world = 4, 2
     size = _wire.length(_wire.width_for(channels))
-    tag = _wire.LayerTag(key=99, description="test", forward=1, backward=1)
-    ff, bf = _wire.fields(tag, _wire.FORWARD, channels), _wire.fields(tag, _wire.BACKWARD,
-                                                                       channels)
+    tag = _wire.LayerTag(key=99, description="test")
+    ff, bf = _wire.fields(tag, _wire.FORWARD, channels, 1), _wire.fields(tag, _wire.BACKWARD,
+                                                                       channels, 1)
     geos = [backend.applies(x, weight, bias) for x in shards]
     bufs = [torch.empty(size, dtype=F64) for _ in shards]
     for geo, x, buf in zip(geos, shards, bufs):

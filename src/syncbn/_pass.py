@@ -96,6 +96,7 @@ class Plan:
         self.key, self.group, self.settings, self.tag = key, group, settings, state.tag
         self.sync = sync  # False: the pass is plain batch norm (one rank), nothing else is set
         self.used: Tensor | None = None  # SYNCBN_NONFINITE=skip: 1 if the last batch counted
+        self.invertible: tuple[Any, bool] | None = None  # in-place: (weights' versions, verdict)
         self.epoch = group.epoch
         self.thread = threading.get_ident()  # (the group's, when it synchronizes)
         if not sync:
@@ -138,7 +139,7 @@ def plan(state: LayerState, input: Tensor, params: tuple[Tensor | None, ...],
     settings = _settings.get()
     group = _comm.group(process_group)
     sync = force or group.size > 1 or (settings.force_sync and group.ref() is not None)
-    if sync:
+    if sync and group.size > 1:
         thread = threading.get_ident()
         if group.thread is not None and group.thread != thread:
             raise _wire.SyncBatchNormError(
@@ -161,10 +162,17 @@ def synchronized_plan(state: LayerState, input: Tensor, params: tuple[Tensor | N
 
 def forward(p: Plan, input: Tensor, weight: Tensor | None, bias: Tensor | None,
             running_mean: Tensor | None, running_var: Tensor | None, eps: float,
-            momentum: float) -> tuple[Tensor, Tensor]:
-    """Normalize ``input`` with the global batch statistics; ``(out, stats)``. Running
-    statistics (when given) are updated in place from the reduced buffer, identically on every
-    rank. Every rank must call it, in the same order as the others, even with an empty shard."""
+            momentum: float, act: int = 0, act_param: float = 0.0,
+            inplace: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Normalize ``input`` with the global batch statistics, then the activation ``act``
+    (``_stats.ACTIVATIONS``); ``(out, stats, kept)``. Running statistics (when given) are
+    updated in place from the reduced buffer, identically on every rank. Every rank must call
+    it, in the same order as the others, even with an empty shard.
+
+    ``inplace``: ``out`` is ``input`` itself, overwritten, and ``kept`` is what the backward
+    reads instead of the input: None when the input is recovered from ``out`` (the activation
+    and the affine transform inverted), or a copy of the input made before it was overwritten
+    when this pass's weights make that inverse ill-conditioned (``_stats.inplace_invertible``)."""
     counters = p.counters
     counters[0] += 1
     count = counters[0]
@@ -189,14 +197,38 @@ def forward(p: Plan, input: Tensor, weight: Tensor | None, bias: Tensor | None,
         if not p.used:
             running_mean = running_var = None
     status = _status_word(p) if p.status else None
-    out, stats, code = backend.forward_apply(p.geo, input, buffer, p.group.size, fields, weight,
-                                             bias, running_mean, running_var, eps, momentum,
-                                             p.policy, status)
+    kept = None
+    if act or inplace:
+        if not backend.ACTIVATES:
+            raise backends.BackendUnavailable(
+                f"syncbn: {p.tag.description} has an activation or is in place, which the "
+                f"{backend.NAME} backend does not fuse (SYNCBN_KERNEL): use another backend")
+        if inplace and not _invertible(p, weight, bias, input.dtype):
+            kept = input.clone()  # exact, without the memory saving, for this pass
+        out, stats, code = backend.forward_apply(
+            p.geo, input, buffer, p.group.size, fields, weight, bias, running_mean, running_var,
+            eps, momentum, p.policy, status, act=act, act_param=act_param,
+            out=input if inplace else None)
+    else:
+        out, stats, code = backend.forward_apply(p.geo, input, buffer, p.group.size, fields,
+                                                 weight, bias, running_mean, running_var, eps,
+                                                 momentum, p.policy, status)
     if status is not None and p.policy == _wire.POLICIES["raise"] and not _comm.capturing(input):
         code = int(status.item())  # a device sync on GPU, as documented for this policy
     if code:
         _raise(code, buffer, fields, p, _wire.FORWARD, count)
-    return out, stats
+    return out, stats, kept
+
+
+def _invertible(p: Plan, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> bool:
+    """``_stats.inplace_invertible``, remembered until the weight or bias changes (their
+    ``_version``, bumped by every in-place update such as an optimizer step): on a GPU the check
+    reads the weights on the host, a device sync that must not happen on every pass."""
+    key = (None if weight is None else (weight.data_ptr(), weight._version),
+           None if bias is None else (bias.data_ptr(), bias._version), dtype)
+    if p.invertible is None or p.invertible[0] != key:
+        p.invertible = (key, _stats.inplace_invertible(weight, bias, dtype))
+    return p.invertible[1]
 
 
 def _small_batch(p: Plan, input: Tensor, buffer: Tensor, fields: list[int], count: int,
@@ -236,15 +268,19 @@ def _status_word(p: Plan) -> Tensor:
 _scratch_words: dict[torch.device, Tensor] = {}
 
 
-def backward(p: Plan, grad_output: Tensor, input: Tensor, weight: Tensor | None, stats: Tensor,
-             need_input: bool, weight_dtype: torch.dtype | None,
-             bias_dtype: torch.dtype | None) -> tuple[Tensor | None, ...]:
+def backward(p: Plan, grad_output: Tensor, input: Tensor | None, weight: Tensor | None,
+             stats: Tensor, need_input: bool, weight_dtype: torch.dtype | None,
+             bias_dtype: torch.dtype | None, act: int = 0, act_param: float = 0.0,
+             output: Tensor | None = None,
+             bias: Tensor | None = None) -> tuple[Tensor | None, ...]:
     """``(grad_input, grad_weight, grad_bias)``; the weight/bias gradients are this rank's
     share (DDP, or the user, sums them over ranks). The collective runs only when the input
-    needs a gradient: decided by the model's structure, the same on every rank."""
+    needs a gradient: decided by the model's structure, the same on every rank. ``output``
+    (with ``input`` None): an in-place pass's output, from which the input is recovered."""
+    read = input if input is not None else output
     dy = grad_output
-    if dy.dtype != input.dtype or dy.stride() != input.stride():
-        dy = _like(grad_output, input)
+    if dy.dtype != read.dtype or dy.stride() != read.stride():
+        dy = _like(grad_output, read)
     buffer = fields = None
     count = 0
     if need_input:
@@ -256,18 +292,29 @@ def backward(p: Plan, grad_output: Tensor, input: Tensor, weight: Tensor | None,
             p.length, dtype=torch.float64, device=p.device)
     backend = p.backend
     # sum(dy) (C), sum(dy * xhat) (C) + padding + header -> length
-    grad_weight, grad_bias, code = backend.backward_reduce(p.geo, dy, input, stats, buffer,
-                                                           fields or p.bwd, weight_dtype,
-                                                           bias_dtype)
+    activated = act or output is not None
+    if activated:
+        grad_weight, grad_bias, code = backend.backward_reduce(
+            p.geo, dy, input, stats, buffer, fields or p.bwd, weight_dtype, bias_dtype, act=act,
+            act_param=act_param, saved_output=output, weight=weight, bias=bias)
+    else:
+        grad_weight, grad_bias, code = backend.backward_reduce(p.geo, dy, input, stats, buffer,
+                                                               fields or p.bwd, weight_dtype,
+                                                               bias_dtype)
     if code:
         _raise(code, buffer, p.bwd, p, _wire.BACKWARD, count)
     grad_input = None
     if buffer is not None and fields is not None:
         _comm.all_reduce(buffer, p.group, p.tag, _wire.BACKWARD, count, fields, 2 * p.channels,
-                         input.shape)
-        grad_input, code = backend.backward_apply(p.geo, dy, input, stats, weight, buffer,
-                                                  p.group.size, fields,
-                                                  _status_word(p) if p.status else None)
+                         read.shape)
+        status = _status_word(p) if p.status else None
+        if activated:
+            grad_input, code = backend.backward_apply(
+                p.geo, dy, input, stats, weight, buffer, p.group.size, fields, status, act=act,
+                act_param=act_param, saved_output=output, bias=bias)
+        else:
+            grad_input, code = backend.backward_apply(p.geo, dy, input, stats, weight, buffer,
+                                                      p.group.size, fields, status)
         if code:
             _raise(code, buffer, fields, p, _wire.BACKWARD, count)
     return grad_input, grad_weight, grad_bias
@@ -305,59 +352,72 @@ def _raise(code: int, buffer: Tensor | None, fields: list[int], p: Plan, directi
 
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm with statistics over every rank of a process group, eagerly:
-    ``apply(input, weight, bias, running_mean, running_var, eps, momentum, plan)``."""
+    ``apply(input, weight, bias, running_mean, running_var, eps, momentum, plan, act=0,
+    act_param=0.0, inplace=False)``; ``inplace`` overwrites ``input`` with the output (autograd
+    is told: a later use of the input's old value is an error, as for torch's in-place ops)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, input: Tensor, weight: Tensor | None, bias: Tensor | None,
         running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float,
-        p: Plan,
+        p: Plan, act: int = 0, act_param: float = 0.0, inplace: bool = False,
     ) -> Tensor:
-        out, stats = forward(p, input, weight, bias, running_mean, running_var, eps, momentum)
-        ctx.save_for_backward(input, weight, stats)
+        out, stats, kept = forward(p, input, weight, bias, running_mean, running_var, eps,
+                                   momentum, act, act_param, inplace)
+        if inplace:
+            ctx.mark_dirty(input)
+            # only the output is kept (the input recovered from it), or a copy of the input
+            ctx.save_for_backward(kept, weight, bias, stats, out if kept is None else None)
+        else:
+            ctx.save_for_backward(input, weight, bias, stats, None)
         ctx.plan = p  # the backward takes the forward's plan as it is
+        ctx.act, ctx.act_param = act, act_param
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight, stats = ctx.saved_tensors
+        input, weight, bias, stats, output = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grads = backward(ctx.plan, grad_output, input, weight, stats, need_input,
                          weight.dtype if need_weight else None,
-                         ctx.bias_dtype if need_bias else None)
-        return (*grads, None, None, None, None, None)
+                         ctx.bias_dtype if need_bias else None, ctx.act, ctx.act_param, output,
+                         bias)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 class CompiledSyncBatchNorm(torch.autograd.Function):
     """The same pass under ``torch.compile``, through the registered ops: ``apply(input, weight,
-    bias, running_mean, running_var, eps, momentum, group, layer)`` with the integers of
-    :func:`group_id` and :func:`layer_id`."""
+    bias, running_mean, running_var, eps, momentum, group, layer, act=0, act_param=0.0)`` with
+    the integers of :func:`group_id` and :func:`layer_id`. Out of place always (under
+    ``torch.compile`` an ``inplace=True`` layer computes out of place: the compiler plans the
+    memory)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, input: Tensor, weight: Tensor | None, bias: Tensor | None,
         running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float,
-        group: int, layer: int,
+        group: int, layer: int, act: int = 0, act_param: float = 0.0,
     ) -> Tensor:
         out, stats = torch.ops.syncbn.forward(input, weight, bias, running_mean, running_var,
-                                              eps, momentum, group, layer)
-        ctx.save_for_backward(input, weight, stats)
-        ctx.group, ctx.layer = group, layer
+                                              eps, momentum, group, layer, act, act_param)
+        ctx.save_for_backward(input, weight, bias, stats)
+        ctx.group, ctx.layer, ctx.act, ctx.act_param = group, layer, act, act_param
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out  # type: ignore[no-any-return]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight, stats = ctx.saved_tensors
+        input, weight, bias, stats = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         gi, gw, gb = torch.ops.syncbn.backward(grad_output, input, weight, stats, ctx.group,
                                                ctx.layer, need_input, need_weight, need_bias,
-                                               ctx.bias_dtype or input.dtype)
+                                               ctx.bias_dtype or input.dtype, ctx.act,
+                                               ctx.act_param, bias)
         return (gi if need_input else None, gw if need_weight else None,
-                gb if need_bias else None, None, None, None, None, None, None)
+                gb if need_bias else None, None, None, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------ registered ops
@@ -402,14 +462,18 @@ def _op_plan(layer: int, group: int, input: Tensor, params: tuple[Tensor | None,
 @torch.library.custom_op("syncbn::forward", mutates_args=("running_mean", "running_var"))
 def _forward_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
-                momentum: float, group: int, layer: int) -> tuple[Tensor, Tensor]:
+                momentum: float, group: int, layer: int, act: int = 0,
+                act_param: float = 0.0) -> tuple[Tensor, Tensor]:
     """The forward pass as an opaque op: ``(out, stats)``; running statistics mutated."""
     p = _op_plan(layer, group, input, (weight, bias, running_mean, running_var))
-    return forward(p, input, weight, bias, running_mean, running_var, eps, momentum)
+    out, stats, _ = forward(p, input, weight, bias, running_mean, running_var, eps, momentum,
+                            act, act_param)
+    return out, stats
 
 
 @_forward_op.register_fake
-def _(input, weight, bias, running_mean, running_var, eps, momentum, group, layer):  # type: ignore[no-untyped-def]
+def _(input, weight, bias, running_mean, running_var, eps, momentum, group, layer, act=0,  # type: ignore[no-untyped-def]
+      act_param=0.0):
     return (torch.empty_like(input),
             input.new_empty(2 * input.shape[1] + 1, dtype=torch.float64))
 
@@ -417,14 +481,15 @@ def _(input, weight, bias, running_mean, running_var, eps, momentum, group, laye
 @torch.library.custom_op("syncbn::backward", mutates_args=())
 def _backward_op(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], stats: Tensor,
                  group: int, layer: int, need_input: bool, need_weight: bool, need_bias: bool,
-                 bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                 bias_dtype: torch.dtype, act: int = 0, act_param: float = 0.0,
+                 bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward pass as an opaque op; a gradient not needed comes back empty."""
     p = _layers[layer].plan  # the forward's, in the usual case
     if p is None or not p.sync or p.key[0] != input.shape:
         p = _op_plan(layer, group, input, (weight, None, None, None))
     gi, gw, gb = backward(p, grad_output, input, weight, stats, need_input,
                           weight.dtype if need_weight and weight is not None else None,
-                          bias_dtype if need_bias else None)
+                          bias_dtype if need_bias else None, act, act_param, None, bias)
     empty = input.new_empty(0)
     return (gi if gi is not None else empty, gw if gw is not None else empty.clone(),
             gb if gb is not None else empty.clone())
@@ -432,7 +497,7 @@ def _backward_op(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], s
 
 @_backward_op.register_fake
 def _(grad_output, input, weight, stats, group, layer, need_input, need_weight, need_bias,  # type: ignore[no-untyped-def]
-      bias_dtype):
+      bias_dtype, act=0, act_param=0.0, bias=None):
     channels = input.shape[1]
     gi = torch.empty_like(input) if need_input else input.new_empty(0)
     gw = input.new_empty(channels, dtype=weight.dtype) if need_weight else input.new_empty(0)

@@ -278,7 +278,8 @@ def _synchronized_pass(arrivals: list[_Arrival], description: str) -> tuple[Tens
     bn._replica_passes = getattr(bn, "_replica_passes", 0) + 1
     meta = _Meta(len(arrivals), float(bn.eps), factor,
                  bn.running_mean if update else None, bn.running_var if update else None,
-                 _settings.get().nonfinite, description, bn._sync.tag, bn._replica_passes)
+                 _settings.get().nonfinite, description, bn._sync.tag, bn._replica_passes,
+                 bn._act, bn.activation_param)
     for a in arrivals:  # so that a recompute outside the replicas is refused (see route)
         a.layer._syncbn_replicated = True
     bn._syncbn_replicated = True
@@ -300,6 +301,8 @@ class _Meta:
     description: str
     tag: _wire.LayerTag
     count: int
+    act: int  # the layer's activation (_stats.ACTIVATIONS); in-place layers run out of place here
+    act_param: float
 
 
 class ReplicaBatchNormFunction(torch.autograd.Function):
@@ -350,7 +353,7 @@ class ReplicaBatchNormFunction(torch.autograd.Function):
             out, st, code = backend.forward_apply(
                 geo, x, summed.to(x.device), n, fields, w, b,
                 meta.running_mean if here else None, meta.running_var if here else None,
-                meta.eps, meta.momentum, policy, status)
+                meta.eps, meta.momentum, policy, status, **_activation(meta))
             if status is not None and policy == _wire.POLICIES["raise"]:
                 code = int(status.item())  # a device sync, as documented for this policy
             _check(code, meta, "forward")
@@ -359,7 +362,7 @@ class ReplicaBatchNormFunction(torch.autograd.Function):
         if total >= 2 and meta.running_mean is not None and (
                 meta.running_mean.device != inputs[0].device):
             _update_from(meta, summed, channels)
-        ctx.save_for_backward(*inputs, *weights, *stats)
+        ctx.save_for_backward(*inputs, *weights, *biases, *stats)
         ctx.meta, ctx.chosen, ctx.home, ctx.length = meta, chosen, home, length
         ctx.bias_dtypes = [b.dtype if b is not None else x.dtype for x, b in zip(inputs, biases)]
         return tuple(outputs)
@@ -370,7 +373,8 @@ class ReplicaBatchNormFunction(torch.autograd.Function):
         meta = ctx.meta
         n = meta.size
         saved = ctx.saved_tensors
-        inputs, weights, stats = saved[:n], saved[n:2 * n], saved[2 * n:]
+        inputs, weights = saved[:n], saved[n:2 * n]
+        biases, stats = saved[2 * n:3 * n], saved[3 * n:]
         needs = ctx.needs_input_grad[1:]  # after meta
         need_x, need_w, need_b = needs[:n], needs[n:2 * n], needs[2 * n:]
         channels = inputs[0].shape[1]
@@ -389,10 +393,13 @@ class ReplicaBatchNormFunction(torch.autograd.Function):
                       else None)
             # weight/bias gradients are each replica's share; autograd (shared parameters) or
             # torch's Broadcast (replicas on several GPUs) adds them up.
+            extra = _activation(meta)
+            if extra:
+                extra.update(weight=weights[i], bias=biases[i])
             gw, gb, code = backend.backward_reduce(
                 geo, dy, x, stats[i], buffer, fields,
                 weights[i].dtype if need_w[i] and weights[i] is not None else None,
-                ctx.bias_dtypes[i] if need_b[i] else None)
+                ctx.bias_dtypes[i] if need_b[i] else None, **extra)
             _check(code, meta, "backward")
             grad_w.append(gw)
             grad_b.append(gb)
@@ -406,11 +413,19 @@ class ReplicaBatchNormFunction(torch.autograd.Function):
                     continue
                 status = (torch.zeros(1, dtype=torch.int32, device=x.device)
                           if backend.STATUS_WORD and not x.is_cpu else None)
+                extra = _activation(meta)
+                if extra:
+                    extra["bias"] = biases[i]
                 gi, code = backend.backward_apply(geo, dys[i], x, stats[i], weights[i],
-                                                  summed.to(x.device), n, fields, status)
+                                                  summed.to(x.device), n, fields, status, **extra)
                 _check(code, meta, "backward")
                 grad_x[i] = gi
         return (None, *grad_x, *grad_w, *grad_b)
+
+
+def _activation(meta: _Meta) -> dict[str, Any]:
+    """The activation's keyword arguments of the backends' steps (none for identity)."""
+    return {"act": meta.act, "act_param": meta.act_param} if meta.act else {}
 
 
 def _layout(x: Tensor) -> torch.memory_format:

@@ -218,34 +218,49 @@ class SyncBatchNorm(_BatchNorm):
         running_var = self.running_var if keep else None
         # The one decision: synchronize in training mode over a group of more than one rank
         # (the plan says). Eval mode never synchronizes (evaluating on one rank must not wait).
+        act = self._act
         if not training:
             self._check(input)
             # Batch statistics in eval mode only when there are no buffers (like torch).
-            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                running_mean is None and running_var is None, factor, self.eps)
+            return self._plain(input, running_mean, running_var,
+                               running_mean is None and running_var is None, factor)
         if compiling:
             self._check(input)
             if not _pass.will_sync(self._process_group):
-                out = F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                   True, factor, self.eps)
+                out = self._plain(input, running_mean, running_var, True, factor)
             else:
                 out = _pass.CompiledSyncBatchNorm.apply(
                     input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
-                    self._group_id, self._layer_id)
+                    self._group_id, self._layer_id, act, self.activation_param)
             if counted:
                 self.num_batches_tracked.add_(1)
             return out  # type: ignore[no-any-return]
+        # An in-place layer takes the synchronized path on one rank too (its collective is
+        # skipped there): that is where the input's memory is reused.
         plan = _pass.plan(self._sync, input, (self.weight, self.bias, running_mean, running_var),
-                          self._process_group)
+                          self._process_group, self.inplace)
         if not plan.sync:
-            out = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True,
-                               factor, self.eps)
+            out = self._plain(input, running_mean, running_var, True, factor)
+        elif act or self.inplace:
+            out = _pass.SyncBatchNormFunction.apply(
+                input, self.weight, self.bias, running_mean, running_var, self.eps, factor, plan,
+                act, self.activation_param, self.inplace)
         else:
             out = _pass.SyncBatchNormFunction.apply(
                 input, self.weight, self.bias, running_mean, running_var, self.eps, factor, plan)
         if counted:
             self.num_batches_tracked.add_(1 if plan.used is None else plan.used)
         return out  # type: ignore[no-any-return]
+
+    def _plain(self, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               batch_stats: bool, factor: float) -> Tensor:
+        """The pass without synchronization: ``F.batch_norm`` (and the activation)."""
+        if self._act:
+            return _stats.batch_norm_act(input, running_mean, running_var, self.weight,
+                                         self.bias, batch_stats, factor, self.eps, self._act,
+                                         self.activation_param)
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats,
+                            factor, self.eps)
 
     # ---------------------------------------------------------------- copies and pickles
     # A process group belongs to this process's torch.distributed and can be neither copied nor

@@ -6,10 +6,9 @@ import inspect
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _pass, _wire
+from . import _pass, _stats, _wire
 from ._pass import check_input
 
 __all__ = ["check_input", "sync_batch_norm", "will_sync"]
@@ -32,6 +31,10 @@ def sync_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     process_group: Any | None = None,
+    *,
+    activation: str = "identity",
+    activation_param: float = 0.01,
+    inplace: bool = False,
 ) -> Tensor:
     r"""Batch norm whose training statistics are those of the global batch over all ranks.
 
@@ -51,6 +54,11 @@ def sync_batch_norm(
         momentum: factor of the running-statistics update. Default: 0.1.
         eps: added to the variance. Default: 1e-5.
         process_group: group to synchronize over. Default: ``None`` (the world).
+        activation: applied to the output, fused into the pass: ``"identity"``, ``"relu"``,
+            ``"leaky_relu"`` or ``"elu"``. Default: ``"identity"``.
+        activation_param: leaky_relu's negative slope, elu's alpha. Default: 0.01.
+        inplace: write the output over ``input`` (training: the backward keeps only the
+            output); needs an invertible activation. Default: ``False``.
 
     Example (a single process: no synchronization, identical to ``F.batch_norm``)::
 
@@ -62,26 +70,32 @@ def sync_batch_norm(
         >>> torch.allclose(y, F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True))
         True
     """
+    act = _stats.activation_code(activation, activation_param, inplace,
+                                 "syncbn.functional.sync_batch_norm") if (
+        activation != "identity" or inplace) else 0
     if not training:
         check_input(input, None, "sync_batch_norm")
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _stats.batch_norm_act(input, running_mean, running_var, weight, bias, False,
+                                     momentum, eps, act, activation_param)
     state = _call_site(inspect.currentframe())
     params = (weight, bias, running_mean, running_var)
     if torch.compiler.is_compiling():
         check_input(input, None, "sync_batch_norm")
         _check_params(input, params)
         if not _pass.will_sync(process_group):
-            return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum,
-                                eps)
+            return _stats.batch_norm_act(input, running_mean, running_var, weight, bias, True,
+                                         momentum, eps, act, activation_param)
         return _pass.CompiledSyncBatchNorm.apply(  # type: ignore[no-any-return]
             input, weight, bias, running_mean, running_var, eps, momentum,
-            _pass.group_id(process_group), _pass.layer_id(state))
-    plan = _pass.plan(state, input, params, process_group)
+            _pass.group_id(process_group), _pass.layer_id(state), act, activation_param)
+    plan = _pass.plan(state, input, params, process_group, inplace)
     if not plan.sync:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+        return _stats.batch_norm_act(input, running_mean, running_var, weight, bias, True,
+                                     momentum, eps, act, activation_param)
     _check_params(input, params)
     return _pass.SyncBatchNormFunction.apply(  # type: ignore[no-any-return]
-        input, weight, bias, running_mean, running_var, eps, momentum, plan)
+        input, weight, bias, running_mean, running_var, eps, momentum, plan, act,
+        activation_param, inplace)
 
 
 def _check_params(input: Tensor, params: tuple[Tensor | None, ...]) -> None:

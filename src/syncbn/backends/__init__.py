@@ -66,6 +66,7 @@ class Backend(Protocol):
 
     NAME: str
     STATUS_WORD: bool
+    ACTIVATES: bool  # takes act/act_param/out/saved_output (activated and in-place layers)
 
     def applies(self, input: Tensor, *params: Tensor | None) -> Any | None:
         """This backend's geometry of ``input`` (truthy) when it takes the pass with these

@@ -20,6 +20,7 @@ __all__ = ["NAME", "STATUS_WORD", "applies", "backward_apply", "backward_reduce"
 
 NAME = "aten"
 STATUS_WORD = False
+ACTIVATES = True  # fuses the activation and in-place passes (issue 21)
 
 
 def applies(input: Tensor, *params: Tensor | None) -> tuple[int, ...]:

@@ -47,6 +47,7 @@ __all__ = ["NAME", "STATUS_WORD", "Geometry", "applies", "backward_apply", "back
 
 NAME = "cuda"
 STATUS_WORD = False
+ACTIVATES = False  # no fused activation or in-place pass: such a layer needs another backend
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -21,11 +21,15 @@ __all__ = ["NAME", "STATUS_WORD", "applies", "backward_apply", "backward_reduce"
 
 NAME = "fused"
 STATUS_WORD = False
+ACTIVATES = True  # fuses the activation and in-place passes (issue 21)
 _REDUCE_FWD, _APPLY_FWD = _kernel.ARG_FORMATS["forward_reduce"], _kernel.ARG_FORMATS["forward_apply"]
 _REDUCE_BWD, _APPLY_BWD = (_kernel.ARG_FORMATS["backward_reduce"],
                            _kernel.ARG_FORMATS["backward_apply"])
 _NO_FIELDS = [0] * len(_wire.FIELDS)  # no header: a backward that sends nothing
-_CODE = {torch.float32: 1, torch.float64: 2}  # a per-channel tensor's dtype as the kernel takes it
+# A per-channel tensor as the kernel takes it: its address and dtype code, (0, 0) when absent
+# (written out inline at each call: a helper would be a Python call per tensor per pass).
+_CODE = {torch.float32: 1, torch.float64: 2}
+_NONE = (0, 0)
 
 
 def applies(input: Tensor, *params: Tensor | None) -> tuple[int, int, int, int] | None:
@@ -57,11 +61,6 @@ def _check_like(t: Tensor, x: Tensor, what: str) -> None:
                          f"{tuple(t.shape)}, {t.stride()}")
 
 
-def _ptr(t: Tensor | None) -> tuple[int, int]:
-    """A per-channel tensor as the kernel takes it: (address, dtype code), (0, 0) for None."""
-    return (0, 0) if t is None else (t.data_ptr(), _CODE[t.dtype])
-
-
 def forward_apply(geo: tuple[int, int, int, int], x: Tensor, buffer: Tensor, world: int,
                   fields: list[int], weight: Tensor | None, bias: Tensor | None,
                   running_mean: Tensor | None, running_var: Tensor | None, eps: float,
@@ -78,11 +77,14 @@ def forward_apply(geo: tuple[int, int, int, int], x: Tensor, buffer: Tensor, wor
         _check_like(out, x, "out")
     stats = torch.empty(2 * c + 1, dtype=torch.float64)  # mean (C), invstd (C), count (1)
     # y = act((x - mean) * invstd * w + b) in one pass, written over x when out is x
+    rm, rv, w, b = running_mean, running_var, weight, bias
     code = _kernel.CALLS[x.dtype][1](_APPLY_FWD.pack(
         float(world), eps, momentum, float(act_param), buffer.data_ptr(), buffer.numel(),
-        *fields, *_ptr(running_mean), *_ptr(running_var), policy, stats.data_ptr(),
-        x.data_ptr(), out.data_ptr(), n, c, s, nsc, torch.get_num_threads(), *_ptr(weight),
-        *_ptr(bias), int(act)))
+        *fields, *(_NONE if rm is None else (rm.data_ptr(), _CODE[rm.dtype])),
+        *(_NONE if rv is None else (rv.data_ptr(), _CODE[rv.dtype])), policy, stats.data_ptr(),
+        x.data_ptr(), out.data_ptr(), n, c, s, nsc, torch.get_num_threads(),
+        *(_NONE if w is None else (w.data_ptr(), _CODE[w.dtype])),
+        *(_NONE if b is None else (b.data_ptr(), _CODE[b.dtype])), int(act)))
     return out, stats, code
 
 
@@ -105,7 +107,7 @@ def backward_reduce(geo: tuple[int, int, int, int], dy: Tensor, x: Tensor | None
                     weight: Tensor | None = None, bias: Tensor | None = None,
                     ) -> tuple[Tensor | None, Tensor | None, int]:
     n, c, s, nsc = geo  # dy: x's dtype and layout (the core makes it so)
-    xp, yp, ref = _source(x, saved_output)
+    xp, yp, ref = (x.data_ptr(), 0, x) if saved_output is None else _source(x, saved_output)
     gw = torch.empty(c, dtype=weight_dtype) if weight_dtype is not None else None
     gb = torch.empty(c, dtype=bias_dtype) if bias_dtype is not None else None
     at, size = (buffer.data_ptr(), buffer.numel()) if buffer is not None else (0, 0)
@@ -114,8 +116,11 @@ def backward_reduce(geo: tuple[int, int, int, int], dy: Tensor, x: Tensor | None
     # and the local weight/bias gradients (this rank's share: DDP or the user sums them)
     code = _kernel.CALLS[ref.dtype][2](_REDUCE_BWD.pack(
         float(act_param), dy.data_ptr(), xp, n, c, s, nsc, torch.get_num_threads(), mean,
-        mean + 8 * c, at, size, *(fields if buffer is not None else _NO_FIELDS), *_ptr(gw),
-        *_ptr(gb), int(act), yp, *_ptr(weight), *_ptr(bias)))
+        mean + 8 * c, at, size, *(fields if buffer is not None else _NO_FIELDS),
+        *(_NONE if gw is None else (gw.data_ptr(), _CODE[gw.dtype])),
+        *(_NONE if gb is None else (gb.data_ptr(), _CODE[gb.dtype])), int(act), yp,
+        *(_NONE if weight is None else (weight.data_ptr(), _CODE[weight.dtype])),
+        *(_NONE if bias is None else (bias.data_ptr(), _CODE[bias.dtype]))))
     return gw, gb, code
 
 
@@ -125,10 +130,11 @@ def backward_apply(geo: tuple[int, int, int, int], dy: Tensor, x: Tensor | None,
                    act_param: float = 0.0, saved_output: Tensor | None = None,
                    bias: Tensor | None = None) -> tuple[Tensor, int]:
     n, c, s, nsc = geo  # dy: x's dtype and layout (the core makes it so)
-    xp, yp, ref = _source(x, saved_output)
+    xp, yp, ref = (x.data_ptr(), 0, x) if saved_output is None else _source(x, saved_output)
     grad_in = torch.empty_like(ref)
     code = _kernel.CALLS[ref.dtype][3](_APPLY_BWD.pack(
         float(world), float(act_param), buffer.data_ptr(), buffer.numel(), *fields,
         dy.data_ptr(), xp, grad_in.data_ptr(), n, c, s, nsc, torch.get_num_threads(),
-        stats.data_ptr(), *_ptr(weight), int(act), yp, *_ptr(bias)))
+        stats.data_ptr(), *(_NONE if weight is None else (weight.data_ptr(), _CODE[weight.dtype])),
+        int(act), yp, *(_NONE if bias is None else (bias.data_ptr(), _CODE[bias.dtype]))))
     return grad_in, code

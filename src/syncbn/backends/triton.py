@@ -42,6 +42,7 @@ NAME = "triton"
 
 NUM_FIELDS = len(_wire.FIELDS)  # header fields: the header is 2 * NUM_FIELDS numbers
 STATUS_WORD = True  # its apply steps report into a device status word (no host sync)
+ACTIVATES = True  # fuses the activation and in-place passes (issue 21)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_ROWS = 2**30  # rows (values per channel) are int32 inside the kernels, with headroom
 

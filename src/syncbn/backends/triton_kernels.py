@@ -174,6 +174,7 @@ def _narrow(v, ptr):
     return v.to(ptr.dtype.element_ty)
 
 
+@_jit()
 def _expm1(z):
     """``exp(z) - 1`` accurate near 0 (Kahan: ``(u - 1) * z / log(u)``, ``u = exp(z)``)."""
     u = tl.exp(z)
