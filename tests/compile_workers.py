@@ -14,14 +14,33 @@ import syncbn
 from reference import assert_matches
 
 
-def make_net() -> nn.Sequential:
-    """Conv -> BN2d -> ReLU -> Conv -> BN2d -> ReLU -> Linear, float64, seeded."""
+def make_net(act: str = "relu") -> nn.Sequential:
+    """Conv -> BN2d -> act -> Conv -> BN2d -> act -> Linear, float64, seeded; ``act``: relu or
+    leaky_relu (slope 0.1)."""
     torch.manual_seed(0)
+
+    def activation() -> nn.Module:
+        return nn.ReLU() if act == "relu" else nn.LeakyReLU(0.1)
+
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), activation(),
+        nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), activation(),
         nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
     ).double()
+
+
+def make_sync_net(group: Any = None, fused: bool = False) -> nn.Sequential:
+    """``make_net`` converted; ``fused``: its batch norms and leaky_relus as activated syncbn
+    layers (the activation inside the synchronized pass, the activation modules Identity)."""
+    if not fused:
+        return syncbn.convert_sync_batchnorm(make_net(), group)
+    net = make_net("leaky_relu")
+    for i in (1, 4):
+        layer = syncbn.SyncBatchNorm2d(4, process_group=group, activation="leaky_relu",
+                                       activation_param=0.1).double()
+        layer.load_state_dict(net[i].state_dict())
+        net[i], net[i + 1] = layer, nn.Identity()
+    return net
 
 
 def global_batches(sizes: list[int], steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,9 +70,9 @@ def train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], sc
     return losses
 
 
-def reference(sizes: list[int], steps: int) -> dict[str, torch.Tensor]:
+def reference(sizes: list[int], steps: int, act: str = "relu") -> dict[str, torch.Tensor]:
     """Plain torch BatchNorm, one process, on the concatenated global batches."""
-    net = make_net()
+    net = make_net(act)
     train(net, global_batches(sizes, steps), 1.0 / sum(sizes))
     return net.state_dict()
 
@@ -91,7 +110,7 @@ def compiled_sync_training(rank: int, world_size: int, cfg: dict[str, Any]) -> d
 
 def fullgraph_training(rank: int, world_size: int, sizes: list[int], steps: int,
                        backend: str, device: str = "cpu",
-                       own_group: bool = False) -> dict[str, Any]:
+                       own_group: bool = False, fused: bool = False) -> dict[str, Any]:
     """A synchronized model compiled with ``fullgraph=True`` (no graph break allowed) trained on
     this rank's shard: per step, equal to the same model in eager mode on this rank (losses, and
     every parameter and buffer after training), and to plain BatchNorm on the concatenated
@@ -106,19 +125,20 @@ def fullgraph_training(rank: int, world_size: int, sizes: list[int], steps: int,
     scale = world_size / sum(sizes)
     # own_group: the layers synchronize over an explicit group (every rank makes it, in order)
     group = dist.new_group(list(range(world_size))) if own_group else None
-    eager = syncbn.convert_sync_batchnorm(make_net(), group).to(device)
+    eager = make_sync_net(group, fused).to(device)
     eager_losses = train(eager, shards, scale, world_size)
-    model = syncbn.convert_sync_batchnorm(make_net(), group).to(device)
+    model = make_sync_net(group, fused).to(device)
     try:
         losses = train(torch.compile(model, backend=backend, fullgraph=True), shards, scale,
                        world_size)
-        probe = syncbn.convert_sync_batchnorm(make_net()).to(device)  # every rank: it syncs
+        probe = make_sync_net(None, fused).to(device)  # every rank: it syncs
         explained = torch._dynamo.explain(probe)(shards[0][0])
     finally:
         torch._dynamo.reset()
     for step, (a, b) in enumerate(zip(losses, eager_losses)):
         assert abs(a - b) <= 1e-12 * max(1.0, abs(b)), f"rank {rank} step {step}: loss {a} vs eager {b}"
-    expected, state, eager_state = reference(sizes, steps), model.state_dict(), eager.state_dict()
+    expected = reference(sizes, steps, "leaky_relu" if fused else "relu")
+    state, eager_state = model.state_dict(), eager.state_dict()
     for key, value in expected.items():
         assert_matches(state[key].double().cpu(), value, torch.float64,
                        f"rank {rank} {key} (compiled)")

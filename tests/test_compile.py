@@ -120,6 +120,16 @@ def test_compile_fullgraph_with_an_explicit_process_group(tmp_path):
         assert rank["graph_breaks"] == 0 and rank["graphs"] == 1, out
 
 
+@pytest.mark.timeout(300)
+def test_compile_fullgraph_activated_layers(tmp_path):
+    """Layers with a fused activation (leaky_relu) under ``fullgraph=True``: no graph break,
+    equal to eager and to plain BatchNorm + LeakyReLU on the concatenated batch."""
+    out = harness.run(cw.fullgraph_training, 3, tmp_path, [3, 0, 2], STEPS, "aot_eager", "cpu",
+                      False, True, fresh=True, timeout=240)
+    for rank in out:
+        assert rank["graph_breaks"] == 0 and rank["graphs"] == 1, out
+
+
 @pytest.mark.timeout(200)
 def test_compile_fullgraph_out_of_step_raises_on_every_rank(tmp_path):
     errors = harness.run(cw.fullgraph_out_of_step, 2, tmp_path, 1, fresh=True, timeout=180)

@@ -456,3 +456,27 @@ def test_the_timeout_is_kept_with_a_slow_replica():
     assert took < 1.65, took
     time.sleep(3.0)  # the slow replica reaches its layer and ends there
     _no_replica_threads_left()
+
+
+@pytest.mark.parametrize("activation,param", [("relu", 0.0), ("leaky_relu", 0.2), ("elu", 0.5)])
+def test_activated_layers_over_the_replicas(activation, param):
+    """A layer with a fused activation in syncbn.DataParallel: the same as the unsplit batch
+    through plain BatchNorm + the activation (outputs, every gradient, running statistics)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), syncbn.SyncBatchNorm2d(
+        4, activation=activation, activation_param=param)).double()
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    ref.load_state_dict(net.state_dict())
+    act = {"relu": lambda z: F.relu(z), "leaky_relu": lambda z: F.leaky_relu(z, param),
+           "elu": lambda z: F.elu(z, param)}[activation]
+    x = torch.randn(7, 3, 6, 6, dtype=torch.float64)
+    y = syncbn.DataParallel(net, device_ids=["cpu"] * 3)(x)
+    y.pow(2).sum().backward()
+    z = act(ref(x))
+    z.pow(2).sum().backward()
+    torch.testing.assert_close(y, z, rtol=1e-10, atol=1e-10)
+    for (name, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10, msg=name)
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=1e-12, atol=1e-12)
