@@ -261,7 +261,7 @@ def available_paths(smoke: bool) -> dict[str, str]:
     for path in PATHS:
         if path not in _settings.KERNELS:
             found[path] = f"not available (not in syncbn._settings.KERNELS {_settings.KERNELS})"
-        elif path == "cuda" and smoke:
+        elif path in ("cuda", "cuda-welford") and smoke:
             found[path] = "not available (--cpu-smoke: needs a CUDA device)"
         elif path == "triton" and not _importable("triton"):
             found[path] = "not available (triton is not importable)"

@@ -275,19 +275,23 @@ def test_replicas_out_of_step(skip, monkeypatch):
     _no_replica_threads_left()
 
 
+class _Slow(nn.Module):
+    """A syncbn layer behind ``sleep`` seconds of the replica's own work on a chunk of 1."""
+
+    def __init__(self, sleep: float):
+        super().__init__()
+        self.sleep = sleep
+        self.bn = syncbn.SyncBatchNorm1d(3)
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            time.sleep(self.sleep)
+        return self.bn(x)
+
+
 def test_a_replica_that_never_arrives_times_out():
-    class Slow(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = syncbn.SyncBatchNorm1d(3)
-
-        def forward(self, x):
-            if x.shape[0] == 1:
-                time.sleep(1.5)
-            return self.bn(x)
-
     with pytest.raises(RuntimeError, match=r"waited 0.3 s at SyncBatchNorm1d\(3\) 'bn'.*\[2\]"):
-        syncbn.DataParallel(Slow(), device_ids=["cpu"] * 3, timeout=0.3)(torch.randn(7, 3))
+        syncbn.DataParallel(_Slow(1.5), device_ids=["cpu"] * 3, timeout=0.3)(torch.randn(7, 3))
     _no_replica_threads_left()
 
 
@@ -438,19 +442,9 @@ def test_an_unexpected_error_in_the_synchronized_pass_gets_the_layer_in_a_note(m
 def test_the_timeout_is_kept_with_a_slow_replica():
     """A replica busy in its own code for longer than the timeout: the error comes after the
     timeout (within 10 %), not when the slow replica is done."""
-    class Slow(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = syncbn.SyncBatchNorm1d(3)
-
-        def forward(self, x):
-            if x.shape[0] == 1:
-                time.sleep(4.0)
-            return self.bn(x)
-
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"waited 1.5 s at SyncBatchNorm1d\(3\) 'bn'"):
-        syncbn.DataParallel(Slow(), device_ids=["cpu"] * 3, timeout=1.5)(torch.randn(7, 3))
+        syncbn.DataParallel(_Slow(4.0), device_ids=["cpu"] * 3, timeout=1.5)(torch.randn(7, 3))
     took = time.monotonic() - t0
     print(f"raised after {took:.2f} s (timeout 1.5 s)")
     assert took < 1.65, took
