@@ -145,3 +145,34 @@ def skipped_batch_not_counted(rank: int, world_size: int, policy: str) -> dict[s
     finally:
         os.environ.pop("SYNCBN_NONFINITE", None)
         _settings.reload()
+
+
+def checkpoint_backward_in_another_thread(rank: int, world_size: int) -> dict[str, Any]:
+    """Activation checkpointing whose backward (and so the recompute of the synchronized layer)
+    runs in another thread than the forward, as autograd's device threads do on a GPU: allowed
+    (the same program, in step), and equal to the same step without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    net = syncbn.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)))
+    ref = syncbn.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)))
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(rank))
+    y = checkpoint(net, x, use_reentrant=False)
+    errors: list[BaseException] = []
+
+    def backward() -> None:
+        try:
+            y.sum().backward()
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    t = threading.Thread(target=backward)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    ref(x).sum().backward()
+    for (name, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    return {"ok": True}

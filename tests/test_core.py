@@ -59,6 +59,13 @@ def test_two_threads_on_one_group_are_refused(tmp_path):
             assert "must run in one thread" in e, e
 
 
+def test_a_checkpoint_recompute_in_the_backwards_thread_is_not_refused(tmp_path):
+    """On a GPU autograd runs the backward (and a checkpoint's recompute) in a thread of its own:
+    that is not a second thread of the program."""
+    out = harness.run(core_workers.checkpoint_backward_in_another_thread, 2, tmp_path, fresh=True)
+    assert out == [{"ok": True}] * 2
+
+
 @pytest.mark.parametrize("policy", ["skip", "raise"])
 def test_a_skipped_or_raised_batch_is_not_counted(tmp_path, policy):
     for rank in harness.run(core_workers.skipped_batch_not_counted, 2, tmp_path, policy,

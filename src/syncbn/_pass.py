@@ -141,14 +141,18 @@ def plan(state: LayerState, input: Tensor, params: tuple[Tensor | None, ...],
     sync = force or group.size > 1 or (settings.force_sync and group.ref() is not None)
     if sync and group.size > 1:
         thread = threading.get_ident()
-        if group.thread is not None and group.thread != thread:
+        # A pass inside a backward (an activation-checkpoint recompute) runs in autograd's
+        # thread, which on a GPU is not the caller's: that is the same program, in step.
+        if (group.thread is not None and group.thread != thread
+                and torch._C._current_graph_task_id() == -1):
             raise _wire.SyncBatchNormError(
                 f"syncbn: {state.tag.description} runs in another thread than the synchronized "
                 f"layers of its process group before it ({group.describe()}): the synchronized "
                 "layers of one process group must run in one thread (the ranks' collectives "
                 "would interleave). Use one process per device (or one process group per "
                 "thread), or syncbn.DataParallel for replicas in threads.")
-        group.thread = thread
+        if group.thread is None:
+            group.thread = thread
     state.plan = Plan(state, key, group, input, params, settings, sync)
     return state.plan
 
