@@ -257,16 +257,18 @@ def all_reduce(buffer: Tensor, group: Group, tag: _wire.LayerTag, direction: int
 def _setup(group: Group, buffer: Tensor) -> None:
     """At the group's first syncbn collective, on every rank: the settings that change what a
     rank sends must agree (one small all_reduce on the buffer's device); then a CPU group
-    decides its transport (``_shm.setup``)."""
+    decides its transport (``_shm.setup``), again when a wider buffer outgrows its segment."""
     settings = _settings.get()
-    values = _wire.settings_values(settings)
-    check = torch.tensor(_wire.settings_buffer(values), dtype=torch.float64).to(buffer.device)
-    dist.all_reduce(check, op=dist.ReduceOp.SUM, group=group.pg)
-    problem = _wire.settings_problem(check.tolist(), values, group.size)
-    if problem:
-        raise _wire.SyncBatchNormError(
-            f"syncbn: {group.describe()}: {problem}. These settings must be the same on every "
-            "rank of a group (unset them everywhere for the defaults).")
+    if not group.ready:
+        values = _wire.settings_values(settings)
+        check = torch.tensor(_wire.settings_buffer(values), dtype=torch.float64)
+        check = check.to(buffer.device)
+        dist.all_reduce(check, op=dist.ReduceOp.SUM, group=group.pg)
+        problem = _wire.settings_problem(check.tolist(), values, group.size)
+        if problem:
+            raise _wire.SyncBatchNormError(
+                f"syncbn: {group.describe()}: {problem}. These settings must be the same on "
+                "every rank of a group (unset them everywhere for the defaults).")
     if group.shm is not None:  # too narrow for this buffer: a wider one replaces it
         group.shm.close()
         group.shm = None

@@ -43,7 +43,8 @@ from torch.autograd.function import once_differentiable
 from . import _comm, _settings, _stats, _wire, backends
 
 __all__ = ["CompiledSyncBatchNorm", "LayerState", "Plan", "SyncBatchNormFunction", "backward",
-           "check_input", "forward", "group_id", "layer_id", "plan", "synchronized_plan", "will_sync"]
+           "check_input", "forward", "grad_like", "group_id", "layer_id", "plan",
+           "synchronized_plan", "will_sync"]
 
 
 def check_input(input: Tensor, num_features: int | None, who: str) -> None:
@@ -284,7 +285,7 @@ def backward(p: Plan, grad_output: Tensor, input: Tensor | None, weight: Tensor 
     read = input if input is not None else output
     dy = grad_output
     if dy.dtype != read.dtype or dy.stride() != read.stride():
-        dy = _like(grad_output, read)
+        dy = grad_like(grad_output, read)
     buffer = fields = None
     count = 0
     if need_input:
@@ -324,7 +325,7 @@ def backward(p: Plan, grad_output: Tensor, input: Tensor | None, weight: Tensor 
     return grad_input, grad_weight, grad_bias
 
 
-def _like(grad_output: Tensor, input: Tensor) -> Tensor:
+def grad_like(grad_output: Tensor, input: Tensor) -> Tensor:
     """``grad_output`` in the input's dtype and memory layout (what the backends read; skipped
     in the usual case: autograd hands back the output's layout)."""
     if input.is_contiguous():

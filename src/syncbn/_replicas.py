@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _settings, _stats, _wire, backends
-from ._pass import check_input
+from ._pass import check_input, grad_like
 
 __all__ = ["ReplicaGroup", "route", "thread"]
 
@@ -387,7 +387,7 @@ class ReplicaBatchNormFunction(torch.autograd.Function):
         for i, ((backend, geo), x) in enumerate(zip(ctx.chosen, inputs)):
             dy = grads[i]  # a replica whose output was not used has dy = 0
             if dy.dtype != x.dtype or dy.stride() != x.stride():
-                dy = dy.to(x.dtype).contiguous(memory_format=_layout(x))
+                dy = grad_like(dy, x)
             dys.append(dy)
             buffer = (torch.empty(ctx.length, dtype=torch.float64, device=x.device) if send
                       else None)
@@ -426,16 +426,6 @@ class ReplicaBatchNormFunction(torch.autograd.Function):
 def _activation(meta: _Meta) -> dict[str, Any]:
     """The activation's keyword arguments of the backends' steps (none for identity)."""
     return {"act": meta.act, "act_param": meta.act_param} if meta.act else {}
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _check(code: int, meta: _Meta, direction: str) -> None:
