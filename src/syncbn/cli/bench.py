@@ -323,6 +323,38 @@ def _maxrss_bytes() -> int:
     return kb if sys.platform == "darwin" else kb * 1024
 
 
+def _ddp_step_setup(model: torch.nn.Module, rank: int, device: torch.device,
+                    opts: dict[str, Any]) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    """DDP around ``model`` (on ``device``), its SGD, and this rank's batch (``--e2e-input``,
+    seeded by the rank): ``(ddp, optimizer, x, y)``."""
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(opts["e2e_input"], device=device)
+    y = torch.randint(0, 10, (x.shape[0],), device=device)
+    return ddp, opt, x, y
+
+
+def _memory_base(device: torch.device) -> int:
+    """What the peak of :func:`_memory_peak` is measured from (and its counter reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return _rss_bytes()
+
+
+def _memory_peak(device: torch.device, base: int) -> dict[str, Any]:
+    """The peak since :func:`_memory_base`, as the records store it."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        peak = _maxrss_bytes()
+        method = "ru_maxrss after the steps minus RSS before the first step"
+    return {"peak_growth_bytes": peak - base, "peak_bytes": peak, "method": method}
+
+
 def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any]) -> dict:
     import torch.distributed as dist
 
@@ -336,13 +368,7 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
     elif opts["contender"] == "syncbn_own_group":  # a group of its own: not queued behind DDP's
         group = dist.new_group(list(range(world)))
         model = syncbn.convert_sync_batchnorm(model, group)
-    model = model.to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-    torch.manual_seed(1 + rank)
-    x = torch.randn(opts["e2e_input"], device=device)
-    y = torch.randint(0, 10, (x.shape[0],), device=device)
+    ddp, opt, x, y = _ddp_step_setup(model.to(device), rank, device, opts)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step() -> None:
@@ -350,11 +376,7 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
         loss_fn(ddp(x), y).backward()
         opt.step()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _rss_bytes()
+    base = _memory_base(device)
     for _ in range(opts["warmup"]):
         step()
     from syncbn._comm import collective_seconds, transport
@@ -369,14 +391,7 @@ def _e2e_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
         waits.append((collective_seconds() - w0) * 1e3)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        mem = {"peak_growth_bytes": peak - base, "peak_bytes": peak,
-               "method": "torch.cuda.max_memory_allocated"}
-    else:
-        peak = _maxrss_bytes()
-        mem = {"peak_growth_bytes": peak - base, "peak_bytes": peak,
-               "method": "ru_maxrss after the steps minus RSS before the first step"}
+    mem = _memory_peak(device, base)
     return {"e2e": {"contender": opts["contender"], "rank": rank, "world_size": world,
                     "step_median_ms": statistics.median(times), "step_min_ms": min(times),
                     "collective_median_ms": statistics.median(waits),
@@ -407,12 +422,7 @@ def _act_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
     honoured = _honoured(device)
     torch.manual_seed(0)
     model = make_act_resnet(opts["variant"], opts["e2e_width"]).to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-    torch.manual_seed(1 + rank)
-    x0 = torch.randn(opts["e2e_input"], device=device)
-    y = torch.randint(0, 10, (x0.shape[0],), device=device)
+    ddp, opt, x0, y = _ddp_step_setup(model, rank, device, opts)
     loss_fn = torch.nn.CrossEntropyLoss()
     saved: dict[tuple[Any, int], int] = {}
 
@@ -432,11 +442,7 @@ def _act_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
         opt.step()
         return float(loss.detach())
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _rss_bytes()
+    base = _memory_base(device)
     first_loss = step(count=True)  # the first step: the same weights in every variant
     params = {(p.device, p.untyped_storage().data_ptr()) for p in model.parameters()}
     saved_bytes = sum(n for key, n in saved.items() if key not in params)
@@ -450,17 +456,11 @@ def _act_rank(rank: int, world: int, device: torch.device, opts: dict[str, Any])
         step()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        peak = _maxrss_bytes()
-        method = "ru_maxrss after the steps minus RSS before the first step"
     return {"act": {"variant": opts["variant"], "rank": rank, "world_size": world,
                     "step_median_ms": statistics.median(times), "step_min_ms": min(times),
                     "steps": len(times), "first_loss": first_loss,
-                    "saved_for_backward_bytes": saved_bytes, "peak_growth_bytes": peak - base,
-                    "peak_bytes": peak, "method": method, "honoured": honoured}}
+                    "saved_for_backward_bytes": saved_bytes, **_memory_peak(device, base),
+                    "honoured": honoured}}
 
 
 # --------------------------------------------------------------------------- launching
