@@ -16,13 +16,13 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend "
                                      "(syncbn.backends.triton) is not tested")
 
+import triton_interp
 import syncbn.backends.triton as bt
 from test_activation import ACTS, _ids, check, data
 
 F32, F64 = torch.float32, torch.float64
 CL = torch.channels_last
-TUNING = bt.Tuning(elems=16, max_block_m=8, max_block_c=4, programs=4, pack_block_c=4,
-                   block_z=64)
+TUNING = triton_interp.SMALL_TILES
 CASES = [
     ((6, 3, 3), F32, CL, [3, 0, 4]),
     ((5,), F64, None, [3, 2]),
@@ -34,17 +34,8 @@ CASES = [
 @pytest.fixture(scope="module", autouse=True)
 def interpreted():
     """TRITON_INTERPRET=1 while this module runs; kernels (re)built under it; tiles shrunk."""
-    old_env, old_tuning = os.environ.get("TRITON_INTERPRET"), bt.tuning
-    os.environ["TRITON_INTERPRET"] = "1"
-    bt._kernels.cache_clear()
-    bt.tuning = TUNING
-    yield
-    bt.tuning = old_tuning
-    if old_env is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old_env
-    bt._kernels.cache_clear()
+    with triton_interp.interpreted(TUNING):
+        yield
 
 
 @pytest.mark.timeout(300)

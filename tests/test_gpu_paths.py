@@ -22,6 +22,15 @@ def _need_gpus(n: int) -> None:
         pytest.skip(reason)
 
 
+def _use_kernel(monkeypatch, kernel: str) -> None:
+    """``SYNCBN_KERNEL=kernel`` for this test (Triton compiled, not interpreted)."""
+    if kernel == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.setenv("SYNCBN_KERNEL", kernel)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _settings.reload()
+
+
 def _synchronized_step(layer: syncbn.SyncBatchNorm, x: torch.Tensor, dy: torch.Tensor) -> None:
     """The layer's synchronized path on one rank (its collective skipped): forward, backward."""
     params = (layer.weight, layer.bias, layer.running_mean, layer.running_var)
@@ -36,11 +45,7 @@ def test_a_layer_on_the_second_gpu_while_the_first_is_current(monkeypatch, kerne
     """Triton launches on the current device unless told otherwise: the backend launches under
     the input's device (and that device's current stream)."""
     _need_gpus(2)
-    if kernel == "triton":
-        pytest.importorskip("triton", reason="triton is not installed")
-    monkeypatch.setenv("SYNCBN_KERNEL", kernel)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    _settings.reload()
+    _use_kernel(monkeypatch, kernel)
     torch.cuda.set_device(0)
     layer = syncbn.SyncBatchNorm2d(8).to("cuda:1", torch.float64)
     ref = torch.nn.BatchNorm2d(8).to("cuda:1", torch.float64)
@@ -63,11 +68,7 @@ def test_a_synchronized_pass_makes_no_host_sync(monkeypatch, kernel):
     """``torch.cuda.set_sync_debug_mode("error")`` around a forward and backward of a warm
     layer: no blocking host read (the header check is deferred, the buffer made on the device)."""
     _need_gpus(1)
-    if kernel == "triton":
-        pytest.importorskip("triton", reason="triton is not installed")
-    monkeypatch.setenv("SYNCBN_KERNEL", kernel)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    _settings.reload()
+    _use_kernel(monkeypatch, kernel)
     layer = syncbn.SyncBatchNorm2d(16).cuda()
     x = torch.randn(8, 16, 7, 7, device="cuda", requires_grad=True)
     dy = torch.randn_like(x)

@@ -33,6 +33,7 @@ from reference import (  # noqa: E402
     torch_grad_input_error,
 )
 
+import triton_interp  # noqa: E402
 import syncbn.backends.triton as bt  # noqa: E402  (imports no triton: kernels are built lazily)
 from syncbn import _stats  # noqa: E402
 
@@ -42,24 +43,14 @@ FIELDS = [1, 1234, 5, 7, 0, 0]  # ones, layer key (low, high), pass, channels (s
 WIDTH = 64
 EPS = 1e-5
 # several row tiles and channel blocks from a handful of rows and channels
-TUNING = bt.Tuning(elems=16, max_block_m=8, max_block_c=4, programs=4, pack_block_c=4,
-                   block_z=64)
+TUNING = triton_interp.SMALL_TILES
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted():
     """TRITON_INTERPRET=1 while this module runs; kernels (re)built under it; tiles shrunk."""
-    old_env, old_tuning = os.environ.get("TRITON_INTERPRET"), bt.tuning
-    os.environ["TRITON_INTERPRET"] = "1"
-    bt._kernels.cache_clear()
-    bt.tuning = TUNING
-    yield
-    bt.tuning = old_tuning
-    if old_env is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old_env
-    bt._kernels.cache_clear()
+    with triton_interp.interpreted(TUNING):
+        yield
 
 
 def length(channels: int) -> int:
